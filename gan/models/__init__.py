@@ -1,0 +1,76 @@
+"""Model families and the two factories that build a generator/discriminator pair by name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from gan.models.dcgan import D_NORMS, DCGANDiscriminator, DCGANGenerator
+from gan.models.layers import ConditionalBatchNorm2d
+from gan.models.mlp import MLPDiscriminator, MLPGenerator
+from gan.models.resnet import ResNetDiscriminator, ResNetGenerator
+from gan.regularizers import apply_spectral_norm
+
+FAMILIES = ("mlp", "dcgan", "resnet")
+
+__all__ = [
+    "D_NORMS",
+    "FAMILIES",
+    "ConditionalBatchNorm2d",
+    "DCGANDiscriminator",
+    "DCGANGenerator",
+    "MLPDiscriminator",
+    "MLPGenerator",
+    "ResNetDiscriminator",
+    "ResNetGenerator",
+    "build_discriminator",
+    "build_generator",
+]
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
+
+
+def build_generator(
+    family: str,
+    *,
+    channels: int,
+    resolution: int,
+    z_dim: int = 128,
+    width: int = 64,
+    num_classes: int = 0,
+    mlp_depth: int = 3,
+    spectral_norm: bool = False,
+) -> nn.Module:
+    """An image generator (outputs in [-1, 1], shape channels x resolution x resolution)."""
+    _check_family(family)
+    if family == "mlp":
+        g = MLPGenerator((channels, resolution, resolution), z_dim, width, mlp_depth, num_classes)
+    elif family == "dcgan":
+        g = DCGANGenerator(channels, resolution, z_dim, width, num_classes)
+    else:
+        g = ResNetGenerator(channels, resolution, z_dim, width, num_classes)
+    return apply_spectral_norm(g) if spectral_norm else g
+
+
+def build_discriminator(
+    family: str,
+    *,
+    channels: int,
+    resolution: int,
+    width: int = 64,
+    num_classes: int = 0,
+    mlp_depth: int = 3,
+    norm: str = "batch",
+    spectral_norm: bool = True,
+) -> nn.Module:
+    """An image discriminator returning one logit per sample. `norm` applies to DCGAN only."""
+    _check_family(family)
+    if family == "mlp":
+        d = MLPDiscriminator((channels, resolution, resolution), width, mlp_depth, num_classes)
+    elif family == "dcgan":
+        d = DCGANDiscriminator(channels, resolution, width, num_classes, norm)
+    else:
+        d = ResNetDiscriminator(channels, resolution, width, num_classes)
+    return apply_spectral_norm(d) if spectral_norm else d

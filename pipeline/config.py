@@ -1,0 +1,458 @@
+"""The params.yaml schema: one validated object for every stage, with every default stated here.
+
+Sections are named after the stages that read them (DVC's convention): prepare, model, train,
+sweep, evaluate, register, plus ray and tracking for where things run. Any unknown key, wrong
+type, out-of-range value or inconsistent combination raises ParamsError, whose message names the
+key path, the bad value and what is allowed, before any stage does work.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from gan.augment import POLICIES
+from gan.losses import LOSSES
+from gan.models import D_NORMS, FAMILIES
+
+DEFAULT_PARAMS_FILE = Path("params.yaml")
+
+LABELED_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10")
+LossName = Literal[tuple(LOSSES)]
+Family = Literal[FAMILIES]
+DNorm = Literal[D_NORMS]
+AugmentPolicy = Literal[POLICIES]
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an override) is invalid; the message lists every problem found."""
+
+
+def _inconsistent(message: str) -> PydanticCustomError:
+    return PydanticCustomError("inconsistent", message)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False
+    )
+
+
+class PrepareParams(Section):
+    """Which images to prepare and how (the `prepare` stage)."""
+
+    source: Literal[LABELED_SOURCES + ("imagefolder",)] = Field(
+        "digits", description="digits is bundled with scikit-learn and needs no network"
+    )
+    image_dir: str | None = Field(None, description="imagefolder only: the directory of images")
+    image_labels: Literal["folders", "none"] = Field(
+        "folders", description="imagefolder only: class labels from subfolder names, or none"
+    )
+    raw_dir: str = Field("data/raw", description="where downloaded datasets are kept")
+    out_dir: str = Field("data/prepared", description="the Parquet shards and manifest")
+    channels: Literal[1, 3] = 1
+    resolution: int = Field(16, ge=8, le=1024, description="square side; a power of two")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="held-out share when the source has no test split"
+    )
+    shard_rows: int = Field(512, ge=1, description="images per Parquet shard")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("resolution")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("must be a power of two (8, 16, 32, 64, ...)")
+        return value
+
+    @property
+    def labeled(self) -> bool:
+        return self.source in LABELED_SOURCES or self.image_labels == "folders"
+
+    @model_validator(mode="after")
+    def _image_dir_for_imagefolder(self) -> PrepareParams:
+        if self.source == "imagefolder" and self.image_dir is None:
+            raise _inconsistent(
+                "prepare.image_dir: required when prepare.source is 'imagefolder'; "
+                "set it to a directory of PNG/JPEG/WebP images"
+            )
+        if self.source != "imagefolder" and self.image_dir is not None:
+            raise _inconsistent(
+                f"prepare.image_dir: only used with prepare.source 'imagefolder', but source is "
+                f"{self.source!r}; remove image_dir or set source: imagefolder"
+            )
+        return self
+
+
+class ModelParams(Section):
+    """Generator and discriminator architecture."""
+
+    family: Family = Field("dcgan", description="mlp (vanilla GAN), dcgan or resnet (SNGAN)")
+    conditional: bool = Field(False, description="class-conditional G and projection D")
+    z_dim: int = Field(64, ge=1, le=4096, description="latent dimension")
+    g_width: int = Field(64, ge=1, le=4096, description="G base channels (hidden units for mlp)")
+    d_width: int = Field(64, ge=1, le=4096, description="D base channels (hidden units for mlp)")
+    mlp_depth: int = Field(3, ge=1, le=16, description="hidden layers of the mlp family")
+    d_norm: DNorm = Field("none", description="normalisation in the DCGAN discriminator")
+    spectral_norm_d: bool = True
+    spectral_norm_g: bool = False
+
+
+class TrainParams(Section):
+    """Optimisation, regularisation, checkpoints (the `train` stage)."""
+
+    loss: LossName = "hinge"
+    steps: int = Field(2000, ge=1, description="generator updates")
+    batch_size: int = Field(64, ge=1, description="images per worker per D update")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="batch_size x ray.num_workers; set it to have that checked"
+    )
+    lr_g: float = Field(2e-4, gt=0, le=1)
+    lr_d: float = Field(2e-4, gt=0, le=1)
+    beta1: float = Field(0.0, ge=0, lt=1, description="Adam beta1 for G and D")
+    beta2: float = Field(0.9, ge=0, lt=1, description="Adam beta2 for G and D")
+    n_critic: int = Field(1, ge=1, le=100, description="D updates per G update")
+    gp_weight: float = Field(0.0, ge=0, description="WGAN-GP lambda (0 = off)")
+    r1_gamma: float = Field(0.0, ge=0, description="R1 gamma (0 = off)")
+    r1_every: int = Field(1, ge=1, description="lazy R1: every k-th D update, scaled by k")
+    diffaugment: tuple[AugmentPolicy, ...] = Field((), description="DiffAugment policies")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="generator EMA decay")
+    ema_warmup_steps: int = Field(100, ge=0, description="EMA copies G before this step")
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    log_every: int = Field(50, ge=1, description="steps between metric reports")
+    mixed_precision: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="auto: bf16 autocast on GPUs that support it, off on CPU"
+    )
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for GPU")
+    compile: bool = Field(False, description="torch.compile G and D")
+    debug_checks: bool = Field(False, description="check all ranks agree before checkpoints")
+
+    @field_validator("diffaugment")
+    @classmethod
+    def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"lists a policy twice: {list(value)}")
+        return value
+
+
+class Choice(Section):
+    type: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+
+class Grid(Section):
+    type: Literal["grid"]
+    values: list[Any] = Field(min_length=1)
+
+
+class Uniform(Section):
+    type: Literal["uniform", "loguniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Uniform:
+        if not self.low < self.high:
+            raise _inconsistent(f"low ({self.low}) must be below high ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise _inconsistent(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+
+SearchDimension = Annotated[Choice | Grid | Uniform, Field(discriminator="type")]
+
+
+class SweepParams(Section):
+    """A Ray Tune sweep; the train stage runs one when `space` is not empty."""
+
+    space: dict[str, SearchDimension] = Field(
+        default_factory=dict, description="'section.key' -> choice/grid/uniform/loguniform"
+    )
+    num_trials: int = Field(8, ge=1, description="samples drawn from the space")
+    max_concurrent: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    search: Literal["random", "optuna"] = "random"
+    eval_every: int = Field(200, ge=1, description="steps between trial FID evaluations")
+    eval_samples: int = Field(500, ge=2, description="generated samples per trial evaluation")
+    top_k: int = Field(3, ge=1, description="best trials handed to the evaluate stage")
+
+    @field_validator("space")
+    @classmethod
+    def _tunable_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
+        tunable = {
+            f"{section}.{key}"
+            for section, model in (("train", TrainParams), ("model", ModelParams))
+            for key in model.model_fields
+        }
+        for key in space:
+            if key not in tunable:
+                hint = _did_you_mean(key, tunable)
+                raise ValueError(f"{key!r} is not a train.* or model.* key{hint}")
+        return space
+
+
+class EvaluateParams(Section):
+    """FID / IS / KID / precision-recall protocol (the `evaluate` stage)."""
+
+    num_samples: int = Field(2000, ge=2, description="generated samples per candidate")
+    split: Literal["train", "test"] = Field("train", description="real split to compare with")
+    inception: bool = Field(False, description="also compute Inception-v3 metrics (GPU)")
+    inception_weights: str | None = Field(None, description="local Inception weights file")
+    kid_subset_size: int = Field(1000, ge=2, description="KID subset size, <= num_samples")
+    batch_size: int = Field(256, ge=1)
+    generator: Literal["ema", "raw"] = Field("ema", description="which generator is scored")
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _kid_subset_fits(self) -> EvaluateParams:
+        if self.kid_subset_size > self.num_samples:
+            raise _inconsistent(
+                f"evaluate.kid_subset_size ({self.kid_subset_size}) must not exceed "
+                f"evaluate.num_samples ({self.num_samples}); lower one or raise the other"
+            )
+        return self
+
+
+class RegisterParams(Section):
+    """Which candidate becomes the registered model (the `register` stage)."""
+
+    model_name: str = Field("ganpipe-generator", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
+    metric: str = Field("fid_domain", description="lower is better")
+
+
+class RayParams(Section):
+    """Where training runs; RAY_ADDRESS in the environment overrides `address`."""
+
+    address: str | None = Field(None, description="None: start a local Ray")
+    num_workers: int = Field(2, ge=1, description="DDP ranks per training run")
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs when present")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    storage_path: str = Field("runs", description="checkpoint storage: a directory or s3://")
+    max_failures: int = Field(0, ge=-1, description="worker failures to recover (-1: no limit)")
+
+
+class TrackingParams(Section):
+    """MLflow; MLFLOW_TRACKING_URI in the environment overrides `uri`."""
+
+    uri: str = Field("sqlite:///mlflow.db", description="a database or http(s) tracking server")
+    experiment: str = Field("ganpipe", min_length=1)
+
+
+# pydantic warns that the `register` section shadows ABCMeta.register; instances are unaffected.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+
+class Params(Section):
+    """Everything in params.yaml."""
+
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    sweep: SweepParams = Field(default_factory=SweepParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    register: RegisterParams = Field(default_factory=RegisterParams)
+    ray: RayParams = Field(default_factory=RayParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """`train:` with nothing under it means "all defaults", as YAML readers expect."""
+        if isinstance(data, Mapping):
+            return {k: ({} if v is None else v) for k, v in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        model, train, prepare = self.model, self.train, self.prepare
+        if model.conditional and not prepare.labeled:
+            raise _inconsistent(
+                "model.conditional: true needs labels, but prepare.source 'imagefolder' with "
+                "prepare.image_labels 'none' has none; set model.conditional: false or use "
+                "image_labels: folders (one subfolder per class)"
+            )
+        if train.loss == "wasserstein" and train.gp_weight == 0 and not model.spectral_norm_d:
+            raise _inconsistent(
+                "train.loss: 'wasserstein' needs a Lipschitz critic, but train.gp_weight is 0 and "
+                "model.spectral_norm_d is false; set train.gp_weight (10 is usual) or "
+                "model.spectral_norm_d: true"
+            )
+        if train.gp_weight > 0 and model.family == "dcgan" and model.d_norm == "batch":
+            raise _inconsistent(
+                "train.gp_weight > 0 with model.d_norm 'batch': the gradient penalty is per "
+                "sample and batch norm mixes samples (Gulrajani et al. 2017, section 4); "
+                "use model.d_norm: layer, instance or none"
+            )
+        expected = train.batch_size * self.ray.num_workers
+        if train.global_batch_size is not None and train.global_batch_size != expected:
+            raise _inconsistent(
+                f"train.global_batch_size ({train.global_batch_size}) must equal "
+                f"train.batch_size ({train.batch_size}) x ray.num_workers "
+                f"({self.ray.num_workers}) = {expected}; fix one or remove global_batch_size"
+            )
+        if self.sweep.scheduler == "pbt" and self.ray.num_workers != 1:
+            raise _inconsistent(
+                f"sweep.scheduler 'pbt' needs ray.num_workers: 1 (Ray's PBT cannot exploit "
+                f"multi-worker Train runs), got {self.ray.num_workers}; use scheduler: asha"
+            )
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.batch_size * self.ray.num_workers
+
+
+# Names other GAN code bases use for our keys, so a familiar name gets pointed at ours.
+KEY_ALIASES = {
+    "learning_rate": ("lr_g", "lr_d"),
+    "lr": ("lr_g", "lr_d"),
+    "epochs": ("steps",),
+    "iterations": ("steps",),
+    "num_steps": ("steps",),
+    "batch": ("batch_size",),
+    "lambda_gp": ("gp_weight",),
+    "gamma": ("r1_gamma",),
+    "n_dis": ("n_critic",),
+    "d_steps": ("n_critic",),
+    "nz": ("z_dim",),
+    "latent_dim": ("z_dim",),
+    "ngf": ("g_width",),
+    "ndf": ("d_width",),
+}
+
+
+def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """A hint naming the closest allowed key: by spelling, else by a known alias."""
+    targets = {c: (c,) for c in candidates}
+    for alias, keys in KEY_ALIASES.items():
+        if all(k in targets for k in keys):
+            targets.setdefault(alias, keys)
+    close = difflib.get_close_matches(word, list(targets), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return "; did you mean " + " or ".join(repr(k) for k in targets[close[0]]) + "?"
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    """The schema class that holds the key at `loc` (for listing allowed keys)."""
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(
+        part for part in error["loc"] if part not in ("choice", "grid", "uniform", "loguniform")
+    )
+    path = ".".join(str(part) for part in loc)
+    if error["type"] == "extra_forbidden":
+        section = _section_model(loc)
+        allowed = sorted(section.model_fields) if section else []
+        hint = _did_you_mean(str(loc[-1]), allowed) or f"; allowed keys: {', '.join(allowed)}"
+        return f"{path}: unknown key (value {error['input']!r}){hint}"
+    if error["type"] == "inconsistent":
+        # Cross-key messages already start with the key paths they involve.
+        return (
+            error["msg"] if not path or error["msg"].startswith(path) else f"{path}: {error['msg']}"
+        )
+    message = error["msg"].removeprefix("Value error, ")
+    prefix = f"{path}: " if path else ""
+    return f"{prefix}{message} (got {error['input']!r})"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading 1e-4 as a float as YAML 1.2 (and DVC) do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    """Parse YAML text the way params.yaml is read everywhere in the pipeline."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def validate_params(raw: Any, source: str = str(DEFAULT_PARAMS_FILE)) -> Params:
+    """Validate an already-parsed params mapping; ParamsError names every bad key."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ParamsError(f"{source} is invalid:\n{problems}") from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A copy of `raw` with each 'section.key=value' set; values are parsed as YAML."""
+    result: dict[str, Any] = copy.deepcopy(dict(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(
+                f"override {item!r}: expected section.key=value, e.g. train.lr_g=1e-4"
+            )
+        *parents, leaf = key.strip().split(".")
+        node = result
+        for depth, part in enumerate(parents):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                where = ".".join(parents[: depth + 1])
+                raise ParamsError(f"override {item!r}: {where} is a value, not a section")
+        try:
+            node[leaf] = parse_yaml(text)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"override {item!r}: value is not valid YAML ({exc})") from None
+    return result
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str] = ()) -> Params:
+    """Read, override and validate a params file; ParamsError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(
+            f"{path}: no such params file; run from the project root or pass --params PATH"
+        ) from None
+    try:
+        raw = parse_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        if raw is not None and not isinstance(raw, Mapping):
+            raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+        raw = apply_overrides(raw or {}, overrides)
+    return validate_params(raw, str(path))

@@ -1,0 +1,90 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.cli import EXIT_BAD_PARAMS, main
+from tests.conftest import REPO_ROOT
+
+
+def ganpipe(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def test_validate_prints_the_full_configuration_with_overrides(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("train:\n  lr_g: 0.001\n")
+    code = main(
+        ["validate", "--params", str(tmp_path / "params.yaml"), "--set", "model.family=mlp"]
+    )
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert code == 0
+    assert resolved["train"]["lr_g"] == 0.001
+    assert resolved["model"]["family"] == "mlp"
+    assert resolved["evaluate"]["kid_subset_size"] == 1000  # defaults filled in
+
+
+def test_bad_params_exit_2_with_the_reason_and_write_nothing(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  lerning_rate: 0.001\n")
+    before = sorted(os.listdir(tmp_path))
+    result = ganpipe("validate", "--out", "resolved.yaml", cwd=tmp_path)
+    assert result.returncode == EXIT_BAD_PARAMS
+    assert "train.lerning_rate: unknown key" in result.stderr
+    assert "did you mean 'lr_g' or 'lr_d'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_bad_override_exits_2(tmp_path):
+    (tmp_path / "params.yaml").write_text("")
+    result = ganpipe("validate", "--set", "train.steps=-5", cwd=tmp_path)
+    assert result.returncode == EXIT_BAD_PARAMS
+    assert "train.steps: Input should be greater than or equal to 1 (got -5)" in result.stderr
+
+
+def test_toy_command_reports_coverage(capsys):
+    assert main(["toy", "--steps", "20", "--eval-samples", "200", "--no-spectral-norm"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["config"]["steps"] == 20
+    assert report["coverage"]["num_modes"] == 8
+    assert set(report["last_step"]) >= {"loss_d", "loss_g"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None, reason="DVC experiments need git")
+def test_dvc_exp_run_set_param_reaches_the_validated_config(tmp_path):
+    """`dvc exp run -S` edits params.yaml; the stage sees the new value, a typo fails loudly."""
+    identity = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t"}
+    env = {**os.environ, **identity, "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    dvc = [sys.executable, "-m", "dvc"]
+
+    def sh(*cmd, check=True):
+        return subprocess.run(
+            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=check
+        )
+
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  resolve:\n"
+        f"    cmd: {sys.executable} -m pipeline validate --out resolved.yaml\n"
+        "    params: [train]\n    outs: [resolved.yaml]\n"
+    )
+    (tmp_path / ".gitignore").write_text("/resolved.yaml\n")
+    sh("git", "init", "-q")
+    sh(*dvc, "init", "-q")
+    sh(*dvc, "config", "core.analytics", "false")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "init")
+    sh(*dvc, "exp", "run", "-S", "train.lr_g=1e-4")
+    resolved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    assert resolved["train"]["lr_g"] == pytest.approx(1e-4)
+    refused = sh(*dvc, "exp", "run", "-S", "train.lerning_rate=1e-4", check=False)
+    assert refused.returncode != 0 and "lerning_rate" in refused.stderr  # DVC's own check
+    appended = sh(*dvc, "exp", "run", "-S", "+train.lerning_rate=1e-4", check=False)  # forced
+    assert appended.returncode != 0
+    assert "did you mean 'lr_g' or 'lr_d'" in appended.stdout + appended.stderr

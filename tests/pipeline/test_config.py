@@ -1,0 +1,242 @@
+import math
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import (
+    Params,
+    ParamsError,
+    apply_overrides,
+    load_params,
+    parse_yaml,
+    validate_params,
+)
+from tests.conftest import REPO_ROOT
+
+SECTIONS = {name: field.annotation for name, field in Params.model_fields.items()}
+KNOWN_KEYS = [(section, key) for section, model in SECTIONS.items() for key in model.model_fields]
+
+
+def test_defaults_validate_and_every_section_exists():
+    params = validate_params({})
+    assert set(SECTIONS) == {
+        "prepare", "model", "train", "sweep", "evaluate", "register", "ray", "tracking",
+    }  # fmt: skip
+    assert params.train.loss == "hinge"
+    assert params.global_batch_size == params.train.batch_size * params.ray.num_workers
+
+
+def test_shipped_params_file_is_valid():
+    params = load_params(REPO_ROOT / "params.yaml")
+    assert params.prepare.source == "digits"
+
+
+def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
+    path.write_text("train:\nmodel:\n")
+    assert load_params(path) == Params()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"train": {"lerning_rate": 1e-3}}, ["train.lerning_rate", "unknown key", "'lr_g'"]),
+        ({"train": {"lr_gg": 1e-3}}, ["train.lr_gg", "did you mean 'lr_g'"]),
+        ({"trian": {}}, ["trian", "did you mean 'train'"]),
+        ({"model": {"famly": "mlp"}}, ["model.famly", "did you mean 'family'"]),
+        ({"train": {"zzz": 1}}, ["train.zzz", "allowed keys:", "lr_g"]),
+        ({"train": {"steps": "many"}}, ["train.steps", "valid integer", "'many'"]),
+        ({"train": {"lr_g": -1}}, ["train.lr_g", "greater than 0", "-1"]),
+        ({"train": {"lr_d": 2}}, ["train.lr_d", "less than or equal to 1"]),
+        ({"train": {"loss": "minimax"}}, ["train.loss", "'hinge'", "'minimax'"]),
+        ({"train": {"ema_decay": 1.0}}, ["train.ema_decay", "less than 1"]),
+        ({"train": {"gp_weight": float("inf")}}, ["train.gp_weight", "finite number"]),
+        ({"ray": {"cpus_per_worker": float("nan")}}, ["ray.cpus_per_worker", "finite number"]),
+        ({"train": {"diffaugment": ["color", "color"]}}, ["train.diffaugment", "twice"]),
+        ({"train": {"diffaugment": ["zoom"]}}, ["train.diffaugment.0", "'translation'"]),
+        ({"prepare": {"resolution": 24}}, ["prepare.resolution", "power of two", "24"]),
+        ({"prepare": {"channels": 2}}, ["prepare.channels", "1 or 3"]),
+        ({"prepare": {"source": "imagenet"}}, ["prepare.source", "'digits'"]),
+        ({"model": {"d_norm": "spectral"}}, ["model.d_norm", "'layer'"]),
+        ({"ray": {"num_workers": 0}}, ["ray.num_workers", "greater than or equal to 1"]),
+        ({"ray": {"use_gpu": "maybe"}}, ["ray.use_gpu", "'auto'"]),
+        ({"register": {"model_name": "has space"}}, ["register.model_name", "pattern"]),
+        ({"train": [1, 2]}, ["train", "valid dictionary"]),
+        # inconsistent combinations
+        (
+            {
+                "model": {"conditional": True},
+                "prepare": {"source": "imagefolder", "image_dir": "x", "image_labels": "none"},
+            },
+            ["model.conditional", "prepare.image_labels", "needs labels"],
+        ),
+        ({"prepare": {"source": "imagefolder"}}, ["prepare.image_dir", "required"]),
+        ({"prepare": {"image_dir": "imgs"}}, ["prepare.image_dir", "only used with"]),
+        (
+            {"train": {"loss": "wasserstein"}, "model": {"spectral_norm_d": False}},
+            ["train.loss", "train.gp_weight", "Lipschitz"],
+        ),
+        (
+            {"train": {"gp_weight": 10}, "model": {"d_norm": "batch"}},
+            ["train.gp_weight", "model.d_norm", "per sample"],
+        ),
+        ({"train": {"global_batch_size": 100}}, ["train.global_batch_size", "= 128"]),
+        ({"evaluate": {"num_samples": 50}}, ["evaluate.kid_subset_size", "evaluate.num_samples"]),
+        ({"sweep": {"scheduler": "pbt"}}, ["sweep.scheduler", "ray.num_workers"]),
+        (
+            {"sweep": {"space": {"train.lr": {"type": "choice", "values": [1]}}}},
+            ["sweep.space", "'train.lr' is not a train.* or model.* key"],
+        ),
+        (
+            {"sweep": {"space": {"train.lr_g": {"type": "loguniform", "low": 0, "high": 1}}}},
+            ["sweep.space.train.lr_g", "low > 0"],
+        ),
+        (
+            {"sweep": {"space": {"train.lr_g": {"type": "normal"}}}},
+            ["sweep.space.train.lr_g", "'loguniform'"],
+        ),
+    ],
+)
+def test_bad_params_name_the_key_value_and_what_is_allowed(raw, expected):
+    with pytest.raises(ParamsError) as info:
+        validate_params(raw)
+    message = str(info.value)
+    for fragment in expected:
+        assert fragment in message, f"{fragment!r} missing from:\n{message}"
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ParamsError) as info:
+        validate_params({"train": {"lr_g": 0, "steps": 0, "typo": 1}})
+    assert str(info.value).count("\n  - ") == 3
+
+
+def test_consistent_combinations_pass():
+    params = validate_params(
+        {
+            "train": {"loss": "wasserstein", "gp_weight": 10, "global_batch_size": 64},
+            "model": {"spectral_norm_d": False, "d_norm": "layer", "conditional": True},
+            "ray": {"num_workers": 1},
+            "sweep": {
+                "scheduler": "pbt",
+                "space": {
+                    "train.lr_g": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+                    "model.family": {"type": "choice", "values": ["dcgan", "resnet"]},
+                },
+            },
+        }
+    )
+    assert params.sweep.space["train.lr_g"].high == 1e-3
+
+
+def test_overrides_set_nested_values_parsed_as_yaml():
+    raw = apply_overrides(
+        {"train": {"lr_g": 1.0}, "model": None},
+        ["train.lr_g=1e-4", "model.family=mlp", "train.diffaugment=[color, cutout]"],
+    )
+    assert raw == {
+        "train": {"lr_g": 1e-4, "diffaugment": ["color", "cutout"]},
+        "model": {"family": "mlp"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("train.lr_g", "expected section.key=value"), ("train.lr_g.x=1", "train.lr_g is a value")],
+)
+def test_malformed_overrides_are_errors(override, message):
+    with pytest.raises(ParamsError, match=message):
+        apply_overrides({"train": {"lr_g": 0.1}}, [override])
+
+
+def test_override_of_unknown_key_fails_like_the_file_would(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr_g: 0.001\n")
+    assert load_params(path, ["train.lr_g=3e-4"]).train.lr_g == 3e-4
+    with pytest.raises(ParamsError, match="train.lr: unknown key"):
+        load_params(path, ["train.lr=3e-4"])
+
+
+def test_yaml_reads_exponent_floats_like_yaml_1_2():
+    assert parse_yaml("a: 1e-4\nb: 2E3\nc: 7\nd: '1e-4'") == {
+        "a": 1e-4,
+        "b": 2000.0,
+        "c": 7,
+        "d": "1e-4",
+    }
+
+
+def test_file_problems_are_params_errors(tmp_path):
+    with pytest.raises(ParamsError, match="no such params file"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(bad)
+
+
+def test_params_are_immutable():
+    params = Params()
+    with pytest.raises(Exception, match="frozen"):
+        params.train.lr_g = 1.0  # a stage must not change the config it was given
+
+
+# --- fuzzing: any mutation either validates (and is kept) or fails with a ParamsError that names
+# --- the mutated key; never another exception.
+
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["digits", "mlp", "hinge", "auto", "batch", "PACK", "", "1e-4"]),
+    st.text(max_size=8),
+    st.lists(st.sampled_from(["color", "cutout", "x", 1]), max_size=3),
+    st.dictionaries(st.sampled_from(["type", "values", "low"]), st.integers(), max_size=2),
+)
+KEYS = st.one_of(
+    st.sampled_from(KNOWN_KEYS),
+    st.tuples(st.sampled_from(sorted(SECTIONS)), st.from_regex(r"[a-z_]{1,12}", fullmatch=True)),
+)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutations=st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=3))
+def test_fuzzed_params_fail_cleanly_naming_a_mutated_key(mutations):
+    raw: dict = {}
+    for (section, key), value in mutations:
+        raw.setdefault(section, {})[key] = value
+    paths = {f"{section}.{key}" for section, sub in raw.items() for key in sub}
+    try:
+        params = validate_params(raw)
+    except ParamsError as exc:
+        problems = str(exc).splitlines()[1:]
+        assert problems
+        for line in problems:
+            assert any(path in line for path in paths), line
+    else:
+        for path in paths:
+            section, key = path.split(".", 1)
+            accepted = getattr(getattr(params, section), key)
+            value = raw[section][key]
+            dumped = Params.model_validate(
+                yaml.safe_load(yaml.safe_dump(params.model_dump(mode="json")))
+            )
+            assert dumped == params  # what validated round-trips through YAML
+            if isinstance(value, bool) or value is None:
+                assert accepted == value or (section, key) == ("ray", "use_gpu")
+            elif isinstance(value, (int, float)) and isinstance(accepted, (int, float)):
+                assert _same(float(accepted), float(value))
