@@ -45,18 +45,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--mixture", choices=["ring", "grid"], default="ring")
+    parser.add_argument("--steps", type=int, default=ToyGANConfig().steps)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="setup names to run (default: all)")
     args = parser.parse_args()
     setups = {k: v for k, v in SETUPS.items() if not args.only or k in args.only}
     jobs = [
-        (name, dataclasses.replace(ToyGANConfig(), mixture=args.mixture, seed=seed, **overrides))
+        (
+            name,
+            dataclasses.replace(
+                ToyGANConfig(), mixture=args.mixture, seed=seed, steps=args.steps, **overrides
+            ),
+        )
         for name, overrides in setups.items()
         for seed in args.seeds
     ]
     with mp.get_context("spawn").Pool(args.processes) as pool:
         results = pool.map(_run, jobs)
-    print(f"mixture={args.mixture} seeds={args.seeds} steps={ToyGANConfig().steps}")
+    print(f"mixture={args.mixture} seeds={args.seeds} steps={args.steps}")
     header = ("setup", "modes mean", "modes min", "HQ mean", "HQ min", "cpu s")
     print("{:30} {:>10} {:>9} {:>8} {:>7} {:>6}".format(*header))
     for name in setups:

@@ -3,9 +3,9 @@
 Framework-agnostic: plain modules or DistributedDataParallel-wrapped ones, any device. All
 randomness comes from the `generator` argument (see gan.sampling.step_generator).
 
-Non-finite values stop training with NonFiniteError before the optimiser steps. The decision
-is taken on the gradient norm: a non-finite loss on any rank gives non-finite gradients, and
-after DDP's all-reduce every rank holds the same gradients, so all ranks stop at the same step.
+Non-finite values (losses, penalties, D outputs or the gradient norm) stop training with
+NonFiniteError before the optimiser steps. Under DDP the ranks agree: a non-finite loss on any
+rank gives non-finite gradients, and after the all-reduce every rank holds the same gradients.
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ def _grad_norm(module: nn.Module) -> Tensor:
 
 
 def _check_finite(step: int, phase: str, values: dict[str, Tensor]) -> dict[str, float]:
-    """Plain floats (one device sync), or NonFiniteError if the phase's gradients are not finite."""
+    """Plain floats (one device sync), or NonFiniteError if any of them is NaN or infinite."""
     numbers = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
     floats = dict(zip(values, numbers, strict=True))
-    if not math.isfinite(floats[f"grad_norm_{phase}"]):
+    if not all(math.isfinite(x) for x in numbers):
         raise NonFiniteError(step, phase, floats)
     return floats
 

@@ -188,16 +188,26 @@ class SweepParams(Section):
 
     @field_validator("space")
     @classmethod
-    def _tunable_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
+    def _tunable(cls, space: dict[str, Any]) -> dict[str, Any]:
+        """Every searched key exists and every value it can take is valid for that key."""
+        sections = {"train": TrainParams, "model": ModelParams}
         tunable = {
-            f"{section}.{key}"
-            for section, model in (("train", TrainParams), ("model", ModelParams))
-            for key in model.model_fields
+            f"{name}.{key}" for name, model in sections.items() for key in model.model_fields
         }
-        for key in space:
+        for key, dim in space.items():
             if key not in tunable:
                 hint = _did_you_mean(key, tunable)
                 raise ValueError(f"{key!r} is not a train.* or model.* key{hint}")
+            section, field = key.split(".", 1)
+            model = sections[section]
+            if isinstance(dim, Uniform) and model.model_fields[field].annotation is not float:
+                raise ValueError(f"{key}: {dim.type} needs a float key; use choice or grid")
+            for value in getattr(dim, "values", None) or (dim.low, dim.high):
+                try:
+                    model.model_validate({field: value})
+                except ValidationError as exc:
+                    reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{key}: value {value!r} is not allowed: {reason}") from None
         return space
 
 

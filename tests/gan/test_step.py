@@ -142,3 +142,24 @@ def test_step_config_rejects_bad_values():
         StepConfig(loss="hinge", n_critic=0)
     with pytest.raises(ValueError, match="DiffAugment"):
         StepConfig(loss="hinge", diffaugment=("zoom",))
+
+
+class ConstantCritic(torch.nn.Module):
+    """D(x) = b for every sample: with b = -inf the hinge loss is inf, its gradient finite."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.b = torch.nn.Parameter(torch.tensor(value))
+
+    def forward(self, x, labels=None):
+        return self.b.expand(x.shape[0])
+
+
+def test_non_finite_loss_with_finite_gradients_is_still_reported():
+    state = make_state()
+    state.discriminator = ConstantCritic(float("-inf"))
+    state.opt_d = torch.optim.Adam(state.discriminator.parameters())
+    with pytest.raises(NonFiniteError, match="non-finite d update") as info:
+        run(state, StepConfig(loss="hinge"), steps=1)
+    assert info.value.values["loss_d"] == float("inf")
+    assert math.isfinite(info.value.values["grad_norm_d"])

@@ -99,6 +99,18 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
             {"sweep": {"space": {"train.lr_g": {"type": "normal"}}}},
             ["sweep.space.train.lr_g", "'loguniform'"],
         ),
+        (
+            {"sweep": {"space": {"train.loss": {"type": "choice", "values": ["hinge", "gan"]}}}},
+            ["sweep.space", "train.loss: value 'gan' is not allowed", "'wasserstein'"],
+        ),
+        (
+            {"sweep": {"space": {"train.lr_d": {"type": "uniform", "low": 0.1, "high": 2}}}},
+            ["sweep.space", "train.lr_d: value 2.0 is not allowed", "less than or equal to 1"],
+        ),
+        (
+            {"sweep": {"space": {"train.n_critic": {"type": "uniform", "low": 1, "high": 5}}}},
+            ["sweep.space", "train.n_critic: uniform needs a float key"],
+        ),
     ],
 )
 def test_bad_params_name_the_key_value_and_what_is_allowed(raw, expected):
