@@ -20,7 +20,11 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 
 class GeneratorEMA:
-    """Holds an eval-mode copy of the generator; `update` after every generator step."""
+    """Holds an eval-mode copy of the generator; `update` after every generator step.
+
+    Under DDP, build it from the wrapped generator (after DDP has broadcast rank 0's weights),
+    so every rank starts its average from the same weights.
+    """
 
     def __init__(self, generator: nn.Module, decay: float, warmup_steps: int = 0):
         if not 0.0 <= decay < 1.0:

@@ -46,10 +46,16 @@ def r1_penalty(real_logits: Tensor, real: Tensor) -> Tensor:
 SPECTRAL_NORM_LAYERS = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, nn.Embedding)
 
 
-def apply_spectral_norm(module: nn.Module) -> nn.Module:
-    """Spectrally normalise every linear, convolution and embedding layer of `module` in place."""
+def apply_spectral_norm(module: nn.Module, exclude: tuple[type[nn.Module], ...] = ()) -> nn.Module:
+    """Spectrally normalise every linear, convolution and embedding layer of `module` in place.
+
+    Layers inside a module of an `exclude` type are left alone: the per-class scale and shift
+    tables of conditional BatchNorm are normalisation parameters, not weights (a zero-initialised
+    shift table has spectral norm 0, and normalising it gives NaN).
+    """
+    skipped = {id(sub) for m in module.modules() if isinstance(m, exclude) for sub in m.modules()}
     for layer in list(module.modules()):
-        if isinstance(layer, SPECTRAL_NORM_LAYERS):
+        if isinstance(layer, SPECTRAL_NORM_LAYERS) and id(layer) not in skipped:
             # Transposed convolutions keep their output channels in dim 1.
             dim = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
             nn.utils.parametrizations.spectral_norm(layer, dim=dim)

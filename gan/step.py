@@ -4,18 +4,19 @@ Framework-agnostic: plain modules or DistributedDataParallel-wrapped ones, any d
 randomness comes from the `generator` argument (see gan.sampling.step_generator).
 
 Non-finite values (losses, penalties, D outputs or the gradient norm) stop training with
-NonFiniteError before the optimiser steps. Under DDP the ranks agree: a non-finite loss on any
-rank gives non-finite gradients, and after the all-reduce every rank holds the same gradients.
+NonFiniteError before the optimiser steps. Under torch.distributed the ranks decide together
+(one all-reduce of a flag per update): a loss can be infinite on one rank while the averaged
+gradients stay finite, and a rank that stopped alone would leave the others waiting forever.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from gan.augment import check_policy, diff_augment
@@ -61,15 +62,23 @@ class StepConfig:
 
 
 def _grad_norm(module: nn.Module) -> Tensor:
+    """The global L2 norm of the gradients, in float64 so huge finite gradients stay finite."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if not grads:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _check_finite(step: int, phase: str, values: dict[str, Tensor]) -> dict[str, float]:
-    """Plain floats (one device sync), or NonFiniteError if any of them is NaN or infinite."""
-    numbers = torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()
+    """Plain floats (one device sync), or NonFiniteError if any value on any rank is not finite."""
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()])
+    bad = (~torch.isfinite(stacked)).any().float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    *numbers, any_bad = torch.cat([stacked, bad]).tolist()
     floats = dict(zip(values, numbers, strict=True))
-    if not all(math.isfinite(x) for x in numbers):
+    if any_bad:
         raise NonFiniteError(step, phase, floats)
     return floats
 
@@ -121,14 +130,16 @@ def train_step(
             fake = G(z, fake_labels)
         lazy_r1 = cfg.r1_gamma > 0 and (step * cfg.n_critic + i) % cfg.r1_every == 0
         real_in = real.detach().requires_grad_(lazy_r1)
+        real_seen, fake_seen = augment(real_in), augment(fake.to(real.dtype))
         with autocast(device):
-            real_logits = D(augment(real_in), real_labels).float()
-            fake_logits = D(augment(fake.to(real.dtype)), fake_labels).float()
+            real_logits = D(real_seen, real_labels).float()
+            fake_logits = D(fake_seen, fake_labels).float()
         loss_d = loss.d_loss(real_logits, fake_logits)
         total = loss_d
         gp = r1 = torch.zeros((), device=device)
         if cfg.gp_weight > 0:
-            gp = gradient_penalty(D, real, fake.to(real.dtype), real_labels, generator)
+            # On what D saw (augmented), with the real labels for the interpolates, in fp32.
+            gp = gradient_penalty(D, real_seen, fake_seen, real_labels, generator)
             total = total + cfg.gp_weight * gp
         if lazy_r1:
             r1 = r1_penalty(real_logits, real_in)
@@ -150,7 +161,9 @@ def train_step(
         state.opt_d.step()
 
     # Generator phase: D is frozen (no weight gradients) and, under DDP, not all-reduced.
-    D.requires_grad_(False)
+    trainable = [p for p in D.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     try:
         z, fake_labels = sampler(real.shape[0], generator, device)
         with _no_sync(D), autocast(device):
@@ -159,7 +172,8 @@ def train_step(
         state.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
     finally:
-        D.requires_grad_(True)
+        for p in trainable:
+            p.requires_grad_(True)
     g_values = _check_finite(step, "g", {"loss_g": loss_g, "grad_norm_g": _grad_norm(G)})
     state.opt_g.step()
     if state.ema is not None:

@@ -51,7 +51,7 @@ def build_generator(
         g = DCGANGenerator(channels, resolution, z_dim, width, num_classes)
     else:
         g = ResNetGenerator(channels, resolution, z_dim, width, num_classes)
-    return apply_spectral_norm(g) if spectral_norm else g
+    return apply_spectral_norm(g, exclude=(ConditionalBatchNorm2d,)) if spectral_norm else g
 
 
 def build_discriminator(

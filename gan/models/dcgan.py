@@ -108,6 +108,8 @@ class DCGANDiscriminator(ConditionalModule):
         self.to_logit = nn.Conv2d(ch, 1, 4, 1, 0, bias=False)
         self.embed = nn.Embedding(num_classes, ch) if num_classes else None
         dcgan_init(self)
+        if self.embed is not None:  # the default N(0, 1) would swamp the unconditional logit
+            nn.init.normal_(self.embed.weight, 0.0, 0.02)
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         self.check_labels(labels, x.shape[0])

@@ -4,7 +4,9 @@ the Mimicry reimplementation), the strong default for image quality.
 G: linear to a 4x4 map, up-sampling residual blocks (BatchNorm, or class-conditional BatchNorm),
 BN-ReLU-conv to the image. D: a first "optimised" down-sampling block, down-sampling blocks to
 4x4, one more block, ReLU, global sum pooling, a linear logit plus the projection term for
-conditional models. Spectral normalisation of D is applied by the model factory.
+conditional models. Spectral normalisation of D is applied by the model factory. One departure
+from the paper's CIFAR network: D always reduces to 4x4 (SNGAN's 32x32 D stops at 8x8), so one
+rule serves every resolution.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ class GBlock(nn.Module):
 
 
 class DBlock(nn.Module):
-    """(ReLU)-conv3-ReLU-conv3-(avgpool), plus conv1-(avgpool) shortcut.
+    """(ReLU)-conv3-ReLU-conv3-(avgpool), plus a conv1-(avgpool) shortcut, or the identity
+    when the block keeps both channels and size.
 
     `first` is the optimised block that sees the image: no leading ReLU, shortcut pools first.
     """
@@ -63,7 +66,8 @@ class DBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1)
-        self.shortcut = nn.Conv2d(in_ch, out_ch, 1)
+        learnable = first or downsample or in_ch != out_ch
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if learnable else nn.Identity()
         self.downsample = downsample
         self.first = first
 

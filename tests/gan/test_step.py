@@ -85,18 +85,42 @@ def test_penalties_are_reported_and_r1_is_lazy():
     assert [s["r1"] > 0 for s in steps] == [True, False, True, False]
 
 
-def test_same_seed_same_weights_and_augmentation_changes_the_result():
+def test_lazy_r1_is_scaled_by_its_interval():
+    """At an R1 step, gamma with every=2 must update D exactly like 2 x gamma with every=1."""
+    lazy, eager, unscaled = make_state(), make_state(), make_state()
+    run(lazy, StepConfig(loss="bce", r1_gamma=1.0, r1_every=2), steps=1)
+    run(eager, StepConfig(loss="bce", r1_gamma=2.0, r1_every=1), steps=1)
+    run(unscaled, StepConfig(loss="bce", r1_gamma=1.0, r1_every=1), steps=1)
+    lazy_d, eager_d = weights(lazy.discriminator), weights(eager.discriminator)
+    for a, b in zip(lazy_d, eager_d, strict=True):
+        torch.testing.assert_close(a, b)
+    assert any(
+        not torch.allclose(a, b)
+        for a, b in zip(lazy_d, weights(unscaled.discriminator), strict=True)
+    )
+
+
+def test_same_seed_gives_the_same_weights():
     cfg = StepConfig(loss="hinge", diffaugment=("color", "translation", "cutout"))
-    a, b, c = make_state(), make_state(), make_state()
+    a, b = make_state(), make_state()
     run(a, cfg)
     run(b, cfg)
-    run(c, StepConfig(loss="hinge"))
     for x, y in zip(weights(a.generator), weights(b.generator), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
-    assert any(
-        not torch.equal(x, y)
-        for x, y in zip(weights(a.generator), weights(c.generator), strict=True)
-    )
+
+
+@pytest.mark.parametrize("policy", [(), ("translation", "cutout")])
+def test_discriminator_sees_augmented_reals_and_fakes_only_with_a_policy(policy):
+    state = make_state()
+    seen = []
+    state.discriminator.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    real, _ = next(batches())
+    run(state, StepConfig(loss="hinge", diffaugment=policy), steps=1)
+    assert len(seen) == 3  # real and fake in the D phase, fake in the G phase
+    assert torch.equal(seen[0], real) == (not policy)
+    if policy:  # cutout zeroes at least a 2x2 corner of every image, real and fake alike
+        for images in seen:
+            assert ((images == 0).flatten(1).sum(dim=1) >= 4).all()
 
 
 def test_conditional_step():
@@ -105,11 +129,17 @@ def test_conditional_step():
     assert set(metrics) == EXPECTED_KEYS and math.isfinite(metrics["r1"])
 
 
-def test_ema_follows_the_generator():
-    state = make_state()
-    run(state, StepConfig(loss="hinge"), steps=2)
-    ema_params = list(state.ema.model.parameters())
-    assert not torch.equal(ema_params[0], weights(state.generator)[0])  # averaged, not a copy
+def test_ema_blends_each_generator_update_with_its_decay():
+    state = make_state()  # EMA decay 0.9, no warm-up
+    expected = weights(state.ema.model)
+    data, sampler = batches(), LatentSampler(8)
+    for step in range(2):
+        train_step(state, data, StepConfig(loss="hinge"), sampler, step_generator(0, 0, step), step)
+        expected = [
+            0.9 * e + 0.1 * g for e, g in zip(expected, weights(state.generator), strict=True)
+        ]
+    for a, b in zip(weights(state.ema.model), expected, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_non_finite_discriminator_update_is_reported_not_stepped():
