@@ -54,8 +54,11 @@ def cmd_validate(params: Params, args: argparse.Namespace) -> int:
 
 
 def _add_toy_options(parser: argparse.ArgumentParser) -> None:
-    from gan.toy import ToyGANConfig
+    """One flag per ToyGANConfig field, with its default."""
+    from gan.losses import LOSSES
+    from gan.toy import MIXTURES, ToyGANConfig
 
+    choices = {"loss": sorted(LOSSES), "mixture": sorted(MIXTURES)}
     for field in dataclasses.fields(ToyGANConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
@@ -64,7 +67,9 @@ def _add_toy_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=float, nargs=2, default=field.default)
         else:
             kind = {"int": int, "float": float}.get(field.type, str)
-            parser.add_argument(flag, type=kind, default=field.default)
+            parser.add_argument(
+                flag, type=kind, default=field.default, choices=choices.get(field.name)
+            )
 
 
 def cmd_toy(args: argparse.Namespace) -> int:

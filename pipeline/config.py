@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from gan.augment import POLICIES
@@ -31,6 +39,11 @@ LossName = Literal[tuple(LOSSES)]
 Family = Literal[FAMILIES]
 DNorm = Literal[D_NORMS]
 AugmentPolicy = Literal[POLICIES]
+# Strict scalars: YAML already gives typed values, so `steps: yes` or `lr_g: true` is an error,
+# not a silent 1 (ints still count as floats).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
 
 
 class ParamsError(ValueError):
@@ -60,12 +73,19 @@ class PrepareParams(Section):
     raw_dir: str = Field("data/raw", description="where downloaded datasets are kept")
     out_dir: str = Field("data/prepared", description="the Parquet shards and manifest")
     channels: Literal[1, 3] = 1
-    resolution: int = Field(16, ge=8, le=1024, description="square side; a power of two")
-    test_fraction: float = Field(
+    resolution: Int = Field(16, ge=8, le=1024, description="square side; a power of two")
+    test_fraction: Float = Field(
         0.2, gt=0, lt=1, description="held-out share when the source has no test split"
     )
-    shard_rows: int = Field(512, ge=1, description="images per Parquet shard")
-    seed: int = Field(0, ge=0)
+    shard_rows: Int = Field(512, ge=1, description="images per Parquet shard")
+    seed: Int = Field(0, ge=0)
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # True == 1 would slip through the Literal
+            raise ValueError("Input should be 1 or 3")
+        return value
 
     @field_validator("resolution")
     @classmethod
@@ -97,45 +117,45 @@ class ModelParams(Section):
     """Generator and discriminator architecture."""
 
     family: Family = Field("dcgan", description="mlp (vanilla GAN), dcgan or resnet (SNGAN)")
-    conditional: bool = Field(False, description="class-conditional G and projection D")
-    z_dim: int = Field(64, ge=1, le=4096, description="latent dimension")
-    g_width: int = Field(64, ge=1, le=4096, description="G base channels (hidden units for mlp)")
-    d_width: int = Field(64, ge=1, le=4096, description="D base channels (hidden units for mlp)")
-    mlp_depth: int = Field(3, ge=1, le=16, description="hidden layers of the mlp family")
+    conditional: Bool = Field(False, description="class-conditional G and projection D")
+    z_dim: Int = Field(64, ge=1, le=4096, description="latent dimension")
+    g_width: Int = Field(64, ge=1, le=4096, description="G base channels (hidden units for mlp)")
+    d_width: Int = Field(64, ge=1, le=4096, description="D base channels (hidden units for mlp)")
+    mlp_depth: Int = Field(3, ge=1, le=16, description="hidden layers of the mlp family")
     d_norm: DNorm = Field("none", description="normalisation in the DCGAN discriminator")
-    spectral_norm_d: bool = True
-    spectral_norm_g: bool = False
+    spectral_norm_d: Bool = True
+    spectral_norm_g: Bool = False
 
 
 class TrainParams(Section):
     """Optimisation, regularisation, checkpoints (the `train` stage)."""
 
     loss: LossName = "hinge"
-    steps: int = Field(2000, ge=1, description="generator updates")
-    batch_size: int = Field(64, ge=1, description="images per worker per D update")
-    global_batch_size: int | None = Field(
+    steps: Int = Field(2000, ge=1, description="generator updates")
+    batch_size: Int = Field(64, ge=1, description="images per worker per D update")
+    global_batch_size: Int | None = Field(
         None, ge=1, description="batch_size x ray.num_workers; set it to have that checked"
     )
-    lr_g: float = Field(2e-4, gt=0, le=1)
-    lr_d: float = Field(2e-4, gt=0, le=1)
-    beta1: float = Field(0.0, ge=0, lt=1, description="Adam beta1 for G and D")
-    beta2: float = Field(0.9, ge=0, lt=1, description="Adam beta2 for G and D")
-    n_critic: int = Field(1, ge=1, le=100, description="D updates per G update")
-    gp_weight: float = Field(0.0, ge=0, description="WGAN-GP lambda (0 = off)")
-    r1_gamma: float = Field(0.0, ge=0, description="R1 gamma (0 = off)")
-    r1_every: int = Field(1, ge=1, description="lazy R1: every k-th D update, scaled by k")
+    lr_g: Float = Field(2e-4, gt=0, le=1)
+    lr_d: Float = Field(2e-4, gt=0, le=1)
+    beta1: Float = Field(0.0, ge=0, lt=1, description="Adam beta1 for G and D")
+    beta2: Float = Field(0.9, ge=0, lt=1, description="Adam beta2 for G and D")
+    n_critic: Int = Field(1, ge=1, le=100, description="D updates per G update")
+    gp_weight: Float = Field(0.0, ge=0, description="WGAN-GP lambda (0 = off)")
+    r1_gamma: Float = Field(0.0, ge=0, description="R1 gamma (0 = off)")
+    r1_every: Int = Field(1, ge=1, description="lazy R1: every k-th D update, scaled by k")
     diffaugment: tuple[AugmentPolicy, ...] = Field((), description="DiffAugment policies")
-    ema_decay: float = Field(0.999, ge=0, lt=1, description="generator EMA decay")
-    ema_warmup_steps: int = Field(100, ge=0, description="EMA copies G before this step")
-    seed: int = Field(0, ge=0)
-    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
-    log_every: int = Field(50, ge=1, description="steps between metric reports")
+    ema_decay: Float = Field(0.999, ge=0, lt=1, description="generator EMA decay")
+    ema_warmup_steps: Int = Field(100, ge=0, description="EMA copies G before this step")
+    seed: Int = Field(0, ge=0)
+    checkpoint_every: Int = Field(500, ge=1, description="steps between checkpoints")
+    log_every: Int = Field(50, ge=1, description="steps between metric reports")
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
         "auto", description="auto: bf16 autocast on GPUs that support it, off on CPU"
     )
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for GPU")
-    compile: bool = Field(False, description="torch.compile G and D")
-    debug_checks: bool = Field(False, description="check all ranks agree before checkpoints")
+    compile: Bool = Field(False, description="torch.compile G and D")
+    debug_checks: Bool = Field(False, description="check all ranks agree before checkpoints")
 
     @field_validator("diffaugment")
     @classmethod
@@ -157,8 +177,8 @@ class Grid(Section):
 
 class Uniform(Section):
     type: Literal["uniform", "loguniform"]
-    low: float
-    high: float
+    low: Float
+    high: Float
 
     @model_validator(mode="after")
     def _ordered(self) -> Uniform:
@@ -172,56 +192,52 @@ class Uniform(Section):
 SearchDimension = Annotated[Choice | Grid | Uniform, Field(discriminator="type")]
 
 
+TUNABLE_SECTIONS: dict[str, type[Section]] = {"train": TrainParams, "model": ModelParams}
+
+
 class SweepParams(Section):
     """A Ray Tune sweep; the train stage runs one when `space` is not empty."""
 
     space: dict[str, SearchDimension] = Field(
         default_factory=dict, description="'section.key' -> choice/grid/uniform/loguniform"
     )
-    num_trials: int = Field(8, ge=1, description="samples drawn from the space")
-    max_concurrent: int | None = Field(None, ge=1, description="None: as many as the cluster fits")
+    num_trials: Int = Field(8, ge=1, description="samples drawn from the space")
+    max_concurrent: Int | None = Field(None, ge=1, description="None: as many as the cluster fits")
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
     search: Literal["random", "optuna"] = "random"
-    eval_every: int = Field(200, ge=1, description="steps between trial FID evaluations")
-    eval_samples: int = Field(500, ge=2, description="generated samples per trial evaluation")
-    top_k: int = Field(3, ge=1, description="best trials handed to the evaluate stage")
+    eval_every: Int = Field(200, ge=1, description="steps between trial FID evaluations")
+    eval_samples: Int = Field(500, ge=2, description="generated samples per trial evaluation")
+    top_k: Int = Field(3, ge=1, description="best trials handed to the evaluate stage")
 
     @field_validator("space")
     @classmethod
-    def _tunable(cls, space: dict[str, Any]) -> dict[str, Any]:
-        """Every searched key exists and every value it can take is valid for that key."""
-        sections = {"train": TrainParams, "model": ModelParams}
-        tunable = {
-            f"{name}.{key}" for name, model in sections.items() for key in model.model_fields
-        }
+    def _tunable_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
+        """Every searched key is a train/model key; (values are checked in Params)."""
         for key, dim in space.items():
-            if key not in tunable:
+            section, _, field = key.partition(".")
+            model = TUNABLE_SECTIONS.get(section)
+            if model is None or field not in model.model_fields:
+                tunable = [f"{s}.{k}" for s, m in TUNABLE_SECTIONS.items() for k in m.model_fields]
                 hint = _did_you_mean(key, tunable)
-                raise ValueError(f"{key!r} is not a train.* or model.* key{hint}")
-            section, field = key.split(".", 1)
-            model = sections[section]
+                raise _inconsistent(f"sweep.space.{key}: not a train.* or model.* key{hint}")
             if isinstance(dim, Uniform) and model.model_fields[field].annotation is not float:
-                raise ValueError(f"{key}: {dim.type} needs a float key; use choice or grid")
-            for value in getattr(dim, "values", None) or (dim.low, dim.high):
-                try:
-                    model.model_validate({field: value})
-                except ValidationError as exc:
-                    reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
-                    raise ValueError(f"{key}: value {value!r} is not allowed: {reason}") from None
+                raise _inconsistent(
+                    f"sweep.space.{key}: {dim.type} needs a float key; use choice or grid"
+                )
         return space
 
 
 class EvaluateParams(Section):
     """FID / IS / KID / precision-recall protocol (the `evaluate` stage)."""
 
-    num_samples: int = Field(2000, ge=2, description="generated samples per candidate")
+    num_samples: Int = Field(2000, ge=2, description="generated samples per candidate")
     split: Literal["train", "test"] = Field("train", description="real split to compare with")
-    inception: bool = Field(False, description="also compute Inception-v3 metrics (GPU)")
+    inception: Bool = Field(False, description="also compute Inception-v3 metrics (GPU)")
     inception_weights: str | None = Field(None, description="local Inception weights file")
-    kid_subset_size: int = Field(1000, ge=2, description="KID subset size, <= num_samples")
-    batch_size: int = Field(256, ge=1)
+    kid_subset_size: Int = Field(1000, ge=2, description="KID subset size, <= num_samples")
+    batch_size: Int = Field(256, ge=1)
     generator: Literal["ema", "raw"] = Field("ema", description="which generator is scored")
-    seed: int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _kid_subset_fits(self) -> EvaluateParams:
@@ -245,12 +261,12 @@ class RayParams(Section):
     """Where training runs; RAY_ADDRESS in the environment overrides `address`."""
 
     address: str | None = Field(None, description="None: start a local Ray")
-    num_workers: int = Field(2, ge=1, description="DDP ranks per training run")
-    use_gpu: bool | Literal["auto"] = Field("auto", description="auto: GPUs when present")
-    cpus_per_worker: float = Field(1.0, gt=0)
+    num_workers: Int = Field(2, ge=1, description="DDP ranks per training run")
+    use_gpu: Bool | Literal["auto"] = Field("auto", description="auto: GPUs when present")
+    cpus_per_worker: Float = Field(1.0, gt=0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     storage_path: str = Field("runs", description="checkpoint storage: a directory or s3://")
-    max_failures: int = Field(0, ge=-1, description="worker failures to recover (-1: no limit)")
+    max_failures: Int = Field(0, ge=-1, description="worker failures to recover (-1: no limit)")
 
 
 class TrackingParams(Section):
@@ -317,7 +333,41 @@ class Params(Section):
                 f"sweep.scheduler 'pbt' needs ray.num_workers: 1 (Ray's PBT cannot exploit "
                 f"multi-worker Train runs), got {self.ray.num_workers}; use scheduler: asha"
             )
+        if self.sweep.space:
+            self._check_sweep()
         return self
+
+    def _check_sweep(self) -> None:
+        """The sweep fits the run, and every value it can draw gives a valid configuration."""
+        sweep = self.sweep
+        if sweep.top_k > sweep.num_trials:
+            raise _inconsistent(
+                f"sweep.top_k ({sweep.top_k}) must not exceed sweep.num_trials ({sweep.num_trials})"
+            )
+        if sweep.eval_every > self.train.steps:
+            raise _inconsistent(
+                f"sweep.eval_every ({sweep.eval_every}) is above train.steps ({self.train.steps}):"
+                " no trial would ever be scored; lower eval_every"
+            )
+        grids = [k for k, d in sweep.space.items() if isinstance(d, Grid)]
+        if sweep.search == "optuna" and grids:
+            raise _inconsistent(
+                f"sweep.search 'optuna' cannot search grid dimensions ({', '.join(grids)} in "
+                "sweep.space); use type: choice, or search: random"
+            )
+        base = self.model_dump(exclude={"sweep"})
+        for key, dim in sweep.space.items():
+            section, field = key.split(".", 1)
+            for value in getattr(dim, "values", None) or (dim.low, dim.high):
+                trial = copy.deepcopy(base)
+                trial[section][field] = value
+                try:
+                    Params.model_validate(trial)
+                except ValidationError as exc:
+                    reasons = "; ".join(_describe(e) for e in exc.errors())
+                    raise _inconsistent(
+                        f"sweep.space.{key}: value {value!r} gives an invalid trial: {reasons}"
+                    ) from None
 
     @property
     def global_batch_size(self) -> int:
@@ -367,13 +417,15 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+DIMENSIONS = {"choice": Choice, "grid": Grid, "uniform": Uniform, "loguniform": Uniform}
+
+
 def _describe(error: dict) -> str:
-    loc = tuple(
-        part for part in error["loc"] if part not in ("choice", "grid", "uniform", "loguniform")
-    )
+    loc = tuple(part for part in error["loc"] if part not in DIMENSIONS)
     path = ".".join(str(part) for part in loc)
     if error["type"] == "extra_forbidden":
-        section = _section_model(loc)
+        tags = [part for part in error["loc"] if part in DIMENSIONS]
+        section = DIMENSIONS[tags[-1]] if tags else _section_model(loc)
         allowed = sorted(section.model_fields) if section else []
         hint = _did_you_mean(str(loc[-1]), allowed) or f"; allowed keys: {', '.join(allowed)}"
         return f"{path}: unknown key (value {error['input']!r}){hint}"
@@ -388,8 +440,18 @@ def _describe(error: dict) -> str:
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading 1e-4 as a float as YAML 1.2 (and DVC) do."""
+    """PyYAML's safe loader with YAML 1.2 scalars, as DVC reads params.yaml: 1e-4 is a float,
+    and only true/false are booleans (on/off/yes/no stay strings)."""
 
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -432,7 +494,10 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
             raise ParamsError(
                 f"override {item!r}: expected section.key=value, e.g. train.lr_g=1e-4"
             )
-        *parents, leaf = key.strip().split(".")
+        parts = key.strip().split(".")
+        if parts[:2] == ["sweep", "space"] and len(parts) > 3:  # space keys are 'section.key'
+            parts = [*parts[:2], ".".join(parts[2:4]), *parts[4:]]
+        *parents, leaf = parts
         node = result
         for depth, part in enumerate(parents):
             if node.get(part) is None:

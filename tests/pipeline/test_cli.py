@@ -55,6 +55,12 @@ def test_toy_command_reports_coverage(capsys):
     assert set(report["last_step"]) >= {"loss_d", "loss_g"}
 
 
+def test_toy_command_rejects_unknown_choices(tmp_path):
+    result = ganpipe("toy", "--loss", "minimax", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "invalid choice: 'minimax'" in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="DVC experiments need git")
 def test_dvc_exp_run_set_param_reaches_the_validated_config(tmp_path):

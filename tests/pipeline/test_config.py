@@ -89,7 +89,7 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
         ({"sweep": {"scheduler": "pbt"}}, ["sweep.scheduler", "ray.num_workers"]),
         (
             {"sweep": {"space": {"train.lr": {"type": "choice", "values": [1]}}}},
-            ["sweep.space", "'train.lr' is not a train.* or model.* key"],
+            ["sweep.space.train.lr: not a train.* or model.* key", "did you mean 'train.lr_g'"],
         ),
         (
             {"sweep": {"space": {"train.lr_g": {"type": "loguniform", "low": 0, "high": 1}}}},
@@ -101,16 +101,50 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
         ),
         (
             {"sweep": {"space": {"train.loss": {"type": "choice", "values": ["hinge", "gan"]}}}},
-            ["sweep.space", "train.loss: value 'gan' is not allowed", "'wasserstein'"],
+            ["sweep.space.train.loss: value 'gan' gives an invalid trial", "'wasserstein'"],
         ),
         (
             {"sweep": {"space": {"train.lr_d": {"type": "uniform", "low": 0.1, "high": 2}}}},
-            ["sweep.space", "train.lr_d: value 2.0 is not allowed", "less than or equal to 1"],
+            ["sweep.space.train.lr_d: value 2.0 gives an invalid trial", "less than or equal to 1"],
         ),
         (
             {"sweep": {"space": {"train.n_critic": {"type": "uniform", "low": 1, "high": 5}}}},
             ["sweep.space", "train.n_critic: uniform needs a float key"],
         ),
+        (
+            {
+                "model": {"d_norm": "batch"},
+                "sweep": {"space": {"train.gp_weight": {"type": "uniform", "low": 1, "high": 9}}},
+            },
+            ["sweep.space.train.gp_weight: value 1.0 gives an invalid trial", "model.d_norm"],
+        ),
+        (
+            {"sweep": {"space": {"train.lr_g": {"type": "uniform", "lo": 1e-5, "high": 1e-3}}}},
+            ["sweep.space.train.lr_g.lo: unknown key", "did you mean 'low'"],
+        ),
+        (
+            {"sweep": {"top_k": 9, "space": {"train.seed": {"type": "grid", "values": [0, 1]}}}},
+            ["sweep.top_k (9) must not exceed sweep.num_trials (8)"],
+        ),
+        (
+            {
+                "train": {"steps": 50},
+                "sweep": {"space": {"train.seed": {"type": "grid", "values": [0]}}},
+            },
+            ["sweep.eval_every (200) is above train.steps (50)"],
+        ),
+        (
+            {
+                "sweep": {
+                    "search": "optuna",
+                    "space": {"train.seed": {"type": "grid", "values": [0, 1]}},
+                }
+            },
+            ["sweep.search 'optuna' cannot search grid dimensions", "train.seed"],
+        ),
+        ({"train": {"steps": True}}, ["train.steps", "valid integer", "True"]),
+        ({"model": {"conditional": "yes"}}, ["model.conditional", "valid boolean", "'yes'"]),
+        ({"prepare": {"channels": True}}, ["prepare.channels", "1 or 3"]),
     ],
 )
 def test_bad_params_name_the_key_value_and_what_is_allowed(raw, expected):
@@ -171,6 +205,23 @@ def test_override_of_unknown_key_fails_like_the_file_would(tmp_path):
     assert load_params(path, ["train.lr_g=3e-4"]).train.lr_g == 3e-4
     with pytest.raises(ParamsError, match="train.lr: unknown key"):
         load_params(path, ["train.lr=3e-4"])
+
+
+def test_yaml_reads_on_off_as_strings_like_yaml_1_2(tmp_path):
+    assert parse_yaml("a: on\nb: off\nc: yes\nd: true\ne: False") == {
+        "a": "on", "b": "off", "c": "yes", "d": True, "e": False,
+    }  # fmt: skip
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  channels_last: on\n")
+    params = load_params(path, ["train.mixed_precision=off"])
+    assert (params.train.channels_last, params.train.mixed_precision) == ("on", "off")
+
+
+def test_overrides_reach_sweep_space_keys_with_dots():
+    raw = apply_overrides(
+        {}, ["sweep.space.train.lr_g.type=loguniform", "sweep.space.train.lr_g.low=1e-5"]
+    )
+    assert raw == {"sweep": {"space": {"train.lr_g": {"type": "loguniform", "low": 1e-5}}}}
 
 
 def test_yaml_reads_exponent_floats_like_yaml_1_2():
@@ -249,6 +300,6 @@ def test_fuzzed_params_fail_cleanly_naming_a_mutated_key(mutations):
             )
             assert dumped == params  # what validated round-trips through YAML
             if isinstance(value, bool) or value is None:
-                assert accepted == value or (section, key) == ("ray", "use_gpu")
+                assert accepted is value  # never turned into 0/1
             elif isinstance(value, (int, float)) and isinstance(accepted, (int, float)):
                 assert _same(float(accepted), float(value))
