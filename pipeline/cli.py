@@ -1,7 +1,8 @@
 """`ganpipe`: the command line. Each subcommand is a thin layer over one function.
 
 Every command that reads params.yaml validates it (with --set overrides) before doing any work;
-invalid params exit with code 2 and write nothing.
+invalid params exit with code 2 and write nothing. Bad data (an unreadable source, damaged
+shards) exits with code 1 and a message naming the file and the fix, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
+from pipeline.shards import DataError
+from pipeline.sources import SourceError
 
+EXIT_BAD_INPUT = 1
 EXIT_BAD_PARAMS = 2
 
 
@@ -50,6 +54,18 @@ def cmd_validate(params: Params, args: argparse.Namespace) -> int:
         args.out.write_text(text)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_prepare(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.prepare import prepare
+
+    manifest = prepare(params)
+    counts = ", ".join(f"{k} {v['rows']}" for k, v in manifest["splits"].items())
+    print(
+        f"prepared {manifest['source']} into {params.prepare.out_dir}: {counts} images, "
+        f"dataset {manifest['dataset_hash'][:12]}"
+    )
     return 0
 
 
@@ -95,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="check params.yaml and print the full configuration with defaults",
     )
     validate.add_argument("--out", type=Path, help="write the resolved YAML here instead")
+    commands.add_parser(
+        "prepare", parents=[params], help="prepare the dataset as sharded Parquet (DVC stage)"
+    )
     toy = commands.add_parser(
         "toy", help="train a small GAN on a 2-D Gaussian mixture and report mode coverage"
     )
@@ -111,7 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"ganpipe: {exc}", file=sys.stderr)
         return EXIT_BAD_PARAMS
-    return cmd_validate(params, args)
+    stage = {"validate": cmd_validate, "prepare": cmd_prepare}[args.command]
+    try:
+        return stage(params, args)
+    except (SourceError, DataError) as exc:
+        print(f"ganpipe {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

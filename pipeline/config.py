@@ -70,6 +70,9 @@ class PrepareParams(Section):
     image_labels: Literal["folders", "none"] = Field(
         "folders", description="imagefolder only: class labels from subfolder names, or none"
     )
+    skip_bad_images: Bool = Field(
+        False, description="imagefolder only: skip unreadable files (counted in the manifest)"
+    )
     raw_dir: str = Field("data/raw", description="where downloaded datasets are kept")
     out_dir: str = Field("data/prepared", description="the Parquet shards and manifest")
     channels: Literal[1, 3] = 1

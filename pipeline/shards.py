@@ -1,0 +1,226 @@
+"""The prepared-data format: sharded Parquet with a manifest of checksums.
+
+Layout under `prepare.out_dir`:
+    <split>/part-NNNNN.parquet   columns: image fixed_size_binary(H*W*C) (uint8, HWC order),
+                                 label int16 (-1: unlabeled); zstd; shape in the schema metadata
+    manifest.json                source and params, counts per split and class, shape, class
+                                 names, each shard's rows and sha256, and `dataset_hash`
+
+`dataset_hash` is a hash of the content (pixels, labels, shape, class names), not of the Parquet
+bytes, so it names the dataset version independently of the pyarrow that wrote it. Everything
+is written into a temporary sibling directory and renamed into place at the end: an interrupted
+or failed preparation leaves the previous output intact (or nothing), never a half-written
+shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT = "ganpipe.images.v1"
+MANIFEST = "manifest.json"
+IMAGE, LABEL = "image", "label"
+REPAIR_HINT = "re-run `dvc repro prepare` (or `dvc checkout` to restore the tracked version)"
+
+
+class DataError(ValueError):
+    """Prepared data is missing or damaged; the message names the file and the fix."""
+
+
+def shard_schema(shape: tuple[int, int, int]) -> pa.Schema:
+    """The schema of every shard: enough metadata to read pixels back without guessing."""
+    metadata = {
+        "ganpipe.format": FORMAT,
+        "ganpipe.shape": json.dumps(list(shape)),
+        "ganpipe.layout": "uint8 HWC",
+    }
+    fields = [
+        pa.field(IMAGE, pa.binary(int(np.prod(shape))), nullable=False),
+        pa.field(LABEL, pa.int16(), nullable=False),
+    ]
+    return pa.schema(fields, metadata=metadata)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SplitWriter:
+    """Buffers one split's images and writes a shard every `shard_rows` images."""
+
+    def __init__(self, root: Path, split: str, shape: tuple[int, int, int], shard_rows: int):
+        self.dir = root / split
+        self.dir.mkdir(parents=True)
+        self.split = split
+        self.schema = shard_schema(shape)
+        self.images = np.empty((shard_rows, *shape), dtype=np.uint8)
+        self.labels = np.empty(shard_rows, dtype=np.int16)
+        self.filled = 0
+        self.shards: list[dict] = []
+        self.class_counts: dict[int, int] = {}
+        self.pixel_hash, self.label_hash = hashlib.sha256(), hashlib.sha256()
+
+    def add(self, image: np.ndarray, label: int) -> None:
+        self.images[self.filled] = image
+        self.labels[self.filled] = label
+        self.filled += 1
+        if self.filled == len(self.images):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.filled == 0:
+            return
+        images, labels = self.images[: self.filled], self.labels[: self.filled]
+        self.pixel_hash.update(images.tobytes())
+        self.label_hash.update(labels.astype("<i2").tobytes())
+        for label, count in zip(*np.unique(labels, return_counts=True), strict=True):
+            self.class_counts[int(label)] = self.class_counts.get(int(label), 0) + int(count)
+        column = pa.FixedSizeBinaryArray.from_buffers(
+            self.schema.field(IMAGE).type, self.filled, [None, pa.py_buffer(images.tobytes())]
+        )
+        table = pa.Table.from_arrays([column, pa.array(labels, pa.int16())], schema=self.schema)
+        path = self.dir / f"part-{len(self.shards):05d}.parquet"
+        pq.write_table(table, path, compression="zstd")
+        relative = f"{self.split}/{path.name}"
+        self.shards.append({"path": relative, "rows": self.filled, "sha256": sha256_file(path)})
+        self.filled = 0
+
+    def summary(self) -> dict:
+        return {
+            "rows": sum(s["rows"] for s in self.shards),
+            "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
+            # independent of shard boundaries: pixels and labels are hashed as two streams
+            "content_sha256": hashlib.sha256(
+                (self.pixel_hash.hexdigest() + self.label_hash.hexdigest()).encode()
+            ).hexdigest(),
+            "shards": self.shards,
+        }
+
+
+def _clean_stale(out_dir: Path) -> None:
+    """Remove temporary directories left by an interrupted earlier run."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` where `target` is, keeping `target` until `new` is in place."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_prepared(
+    items: Iterable[tuple[str, np.ndarray, int]],
+    out_dir: Path,
+    shape: tuple[int, int, int],
+    shard_rows: int,
+    describe: dict,
+    finish=None,
+) -> dict:
+    """Write (split, image, label) items as shards plus manifest, atomically.
+
+    `describe` goes into the manifest as is (source, params, class names); `finish`, called with
+    the manifest after every item is written and before anything is renamed into place, may add
+    to it or raise to abandon the output.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        writers: dict[str, SplitWriter] = {}
+        for split, image, label in items:
+            if split not in writers:
+                writers[split] = SplitWriter(tmp, split, shape, shard_rows)
+            writers[split].add(image, label)
+        for writer in writers.values():
+            writer.flush()
+        splits = {name: w.summary() for name, w in sorted(writers.items())}
+        manifest = {"format": FORMAT, **describe, "shape": list(shape), "splits": splits}
+        manifest["dataset_hash"] = _dataset_hash(manifest)
+        if finish is not None:
+            finish(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _dataset_hash(manifest: dict) -> str:
+    content = {
+        "shape": manifest["shape"],
+        "class_names": manifest.get("class_names", []),
+        "splits": {k: v["content_sha256"] for k, v in manifest["splits"].items()},
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(out_dir: Path) -> dict:
+    path = Path(out_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"no prepared data at {out_dir} ({MANIFEST} is missing): {REPAIR_HINT}"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}): {REPAIR_HINT}") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(
+            f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}: {REPAIR_HINT}"
+        )
+    return manifest
+
+
+def verify_prepared(out_dir: Path, splits: Iterable[str] | None = None) -> dict:
+    """Check every shard against the manifest (presence, sha256, schema, rows); return it."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    expected = shard_schema(tuple(manifest["shape"]))
+    for split in splits or manifest["splits"]:
+        if split not in manifest["splits"]:
+            raise DataError(f"{out_dir / MANIFEST} has no split {split!r}: {REPAIR_HINT}")
+        for shard in manifest["splits"][split]["shards"]:
+            path = out_dir / shard["path"]
+            if not path.is_file():
+                raise DataError(f"shard {path} is missing: {REPAIR_HINT}")
+            if sha256_file(path) != shard["sha256"]:
+                raise DataError(f"shard {path} is damaged (checksum mismatch): {REPAIR_HINT}")
+            try:
+                metadata = pq.read_metadata(path)
+                schema = metadata.schema.to_arrow_schema()
+            except (pa.ArrowException, OSError) as exc:
+                raise DataError(
+                    f"shard {path} is not readable Parquet ({exc}): {REPAIR_HINT}"
+                ) from None
+            if not schema.equals(expected, check_metadata=True):
+                raise DataError(
+                    f"shard {path} has schema {schema}, expected {expected}: {REPAIR_HINT}"
+                )
+            if metadata.num_rows != shard["rows"]:
+                raise DataError(
+                    f"shard {path} has {metadata.num_rows} rows, the manifest says "
+                    f"{shard['rows']}: {REPAIR_HINT}"
+                )
+    return manifest
