@@ -1,10 +1,12 @@
 """The reader training, featurenet and evaluation use: rank r of w gets its share of a split.
 
-Why pyarrow and not Ray Data: measured on the 2-core machine (../shared/STACK_NOTES.md and
-bench/reader.py), Ray Data gave ~39k images/s per worker after a 6 s first epoch, a plain
-pyarrow read ~100x that, and Ray Data starves (hangs) when the Train workers hold every CPU.
-A shard read here is a zero-copy view of a fixed-size binary column, so the reader is a few
-numpy operations per shard and never the bottleneck of a GAN step (bench/RESULTS.md).
+Why pyarrow and not Ray Data, by measurement (bench/reader.py, 2-core CPU, one thread, 32x32
+images): this reader delivers 586k (1 channel) / 279k (3 channels) float images/s; Ray Data's
+read_parquet + iter_batches with the same decoding 7k/s in its first epoch and 12-19k/s after,
+and it starves (hangs) when Train workers hold every CPU (../shared/STACK_NOTES.md). A DCGAN-32
+step consumes about 200 images/s on the same core, so either would feed it, but pyarrow does it
+at a thousandth of the cost and with no scheduling trap. A shard read is a zero-copy view of a
+fixed-size binary column; the rest is a few numpy operations per shard.
 
 Sharing: every epoch, a seeded permutation of all N rows is dealt out round-robin, rank r
 taking positions r, r + w, ... (padded by wrapping around to a multiple of w, as PyTorch's
