@@ -69,6 +69,18 @@ def cmd_prepare(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.train import train
+
+    summary = train(params)
+    state = f"diverged at step {summary['diverged_at_step']}" if summary["diverged"] else "finished"
+    print(
+        f"train {summary['run_name']}: {state} after {summary['steps']} steps; "
+        f"{params.train.out_dir}/result.json"
+    )
+    return 0
+
+
 def _add_toy_options(parser: argparse.ArgumentParser) -> None:
     """One flag per ToyGANConfig field, with its default."""
     from gan.losses import LOSSES
@@ -114,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "prepare", parents=[params], help="prepare the dataset as sharded Parquet (DVC stage)"
     )
+    commands.add_parser(
+        "train", parents=[params], help="train G and D with Ray Train DDP (DVC stage)"
+    )
     toy = commands.add_parser(
         "toy", help="train a small GAN on a 2-D Gaussian mixture and report mode coverage"
     )
@@ -130,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"ganpipe: {exc}", file=sys.stderr)
         return EXIT_BAD_PARAMS
-    stage = {"validate": cmd_validate, "prepare": cmd_prepare}[args.command]
+    stage = {"validate": cmd_validate, "prepare": cmd_prepare, "train": cmd_train}[args.command]
     try:
         return stage(params, args)
     except (SourceError, DataError) as exc:

@@ -159,6 +159,7 @@ class TrainParams(Section):
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for GPU")
     compile: Bool = Field(False, description="torch.compile G and D")
     debug_checks: Bool = Field(False, description="check all ranks agree before checkpoints")
+    out_dir: str = Field("models/train", description="result.json, final weights, history")
 
     @field_validator("diffaugment")
     @classmethod

@@ -139,17 +139,18 @@ class RankLoader:
     def __len__(self) -> int:
         return -(-self.data.num_rows // self.world_size) // self.batch_size
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """This rank's batches of `epoch`, from batch `start` on."""
         rows = rank_rows(self.data.num_rows, self.rank, self.world_size, self.seed, epoch)
         images, labels = self.data.read(rows)
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             batch = slice(i * self.batch_size, (i + 1) * self.batch_size)
             y = torch.from_numpy(labels[batch]).to(self.device) if self.labeled else None
             yield to_float(images[batch], self.device), y
 
-    def forever(self, start_epoch: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Batches across epochs without end (what gan.step.train_step consumes)."""
-        epoch = start_epoch
+    def forever(self, epoch: int = 0, skip: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Batches across epochs without end (what gan.step.train_step consumes), starting at
+        batch `skip` of `epoch`: a resumed run continues exactly where the checkpoint was."""
         while True:
-            yield from self.epoch(epoch)
-            epoch += 1
+            yield from self.epoch(epoch, skip)
+            epoch, skip = epoch + 1, 0

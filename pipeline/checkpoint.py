@@ -1,0 +1,181 @@
+"""Training checkpoints as safetensors + JSON: no pickle is written, and none is ever loaded.
+
+A checkpoint is a directory with
+    weights.safetensors   generator, EMA generator, discriminator, both optimisers' tensors,
+                          the torch (and CUDA) RNG states
+    state.json            step, data position, optimiser hyperparameters, numpy and Python RNG
+                          states, the params and the dataset version it was trained with
+Non-finite weights are never written: saving them raises CheckpointError.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from gan.ema import unwrap
+
+FORMAT = "ganpipe.checkpoint.v1"
+WEIGHTS, STATE = "weights.safetensors", "state.json"
+MODULES = ("generator", "generator_ema", "discriminator")
+OPTIMIZERS = ("opt_g", "opt_d")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or read; the message says which and why."""
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides the tensors of the modules and optimisers."""
+
+    step: int  # generator updates done
+    epoch: int  # data position: epoch of the next batch
+    batch: int  # data position: index of the next batch within that epoch
+    params: dict  # the validated params the run was started with
+    dataset_hash: str
+
+
+def _optimizer_parts(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Split an optimiser state dict into tensors (for safetensors) and JSON."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{name}.state.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(
+    name: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict
+) -> None:
+    state: dict[int, dict] = {}
+    prefix = f"{name}.state."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, field = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(index), {})[field] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_state() -> tuple[dict, dict]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    meta = {
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "python": [version, list(py_state), py_gauss],
+    }
+    return tensors, meta
+
+
+def _restore_rng(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = meta["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def save_checkpoint(
+    directory: Path,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: TrainingState,
+) -> Path:
+    """Write a checkpoint into `directory` (created; replaced atomically if it exists)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in MODULES:
+        for key, value in unwrap(modules[name]).state_dict().items():
+            tensors[f"{name}.{key}"] = value
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"refusing to checkpoint non-finite weights at step {state.step}: {', '.join(bad[:5])}"
+        )
+    optimizer_meta = {}
+    for name in OPTIMIZERS:
+        opt_tensors, optimizer_meta[name] = _optimizer_parts(name, optimizers[name])
+        tensors.update(opt_tensors)
+    rng_tensors, rng_meta = _rng_state()
+    tensors.update(rng_tensors)
+    meta = {
+        "format": FORMAT,
+        **state.__dict__,
+        "optimizers": optimizer_meta,
+        "rng": rng_meta,
+    }
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(cpu, tmp / WEIGHTS, metadata={"format": FORMAT})
+        (tmp / STATE).write_text(json.dumps(meta, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and JSON of a checkpoint directory; anything else is refused."""
+    directory = Path(directory)
+    weights, state = directory / WEIGHTS, directory / STATE
+    if not (weights.is_file() and state.is_file()):
+        found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+        raise CheckpointError(
+            f"{directory} is not a ganpipe checkpoint (expected {WEIGHTS} and {STATE}, found "
+            f"{found or 'nothing'}); pickled checkpoints (.pt, .pth, .pkl) are never loaded"
+        )
+    try:
+        meta = json.loads(state.read_text())
+        tensors = load_file(weights)
+    except Exception as exc:  # JSON, I/O or safetensors header errors
+        raise CheckpointError(f"{directory} is damaged: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{state}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    return tensors, meta
+
+
+def load_checkpoint(
+    directory: Path,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    restore_rng: bool = True,
+) -> TrainingState:
+    """Restore modules, optimisers and (optionally) the global RNGs; return the step state."""
+    tensors, meta = read_checkpoint(directory)
+    for name in MODULES:
+        prefix = f"{name}."
+        state_dict = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        unwrap(modules[name]).load_state_dict(state_dict)
+    for name in OPTIMIZERS:
+        _restore_optimizer(name, optimizers[name], tensors, meta["optimizers"][name])
+    if restore_rng:
+        _restore_rng(tensors, meta["rng"])
+    fields = TrainingState.__dataclass_fields__
+    return TrainingState(**{k: meta[k] for k in fields})

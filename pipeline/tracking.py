@@ -1,0 +1,66 @@
+"""MLflow tracking for the stages: where the store is, and one run per training run.
+
+The embedded default is a sqlite store (`tracking.uri`) and artifacts next to it, both in the
+repository and ignored by git; MLFLOW_TRACKING_URI points the stages at a server instead. A
+relative sqlite path is made absolute here, because Ray workers run in other directories.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from pipeline.config import Params
+
+REACH_TIMEOUT_S = 5
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used; the message says which URI and what to check."""
+
+
+def tracking_uri(params: Params) -> str:
+    """MLFLOW_TRACKING_URI if set, else params; sqlite paths made absolute."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def check_reachable(uri: str) -> None:
+    """Fail in seconds, not minutes, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=REACH_TIMEOUT_S)
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it, or unset "
+            "MLFLOW_TRACKING_URI to use the embedded sqlite store"
+        ) from None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """{'train': {'lr_g': 1e-4}} -> {'train.lr_g': '0.0001'} (MLflow params are strings)."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,377 @@
+"""The `train` stage: DDP GAN training on Ray Train (V2), checkpointed, resumable, tracked.
+
+The driver (`train`) validates the data, names the run after its configuration and dataset
+version, opens the MLflow run and starts a TorchTrainer; every worker runs `train_worker`.
+Rank 0 does the I/O (checkpoints, MLflow); every rank computes.
+
+DDP choices for a GAN (both networks are wrapped separately, one `prepare_model` each):
+- forward_sync_buffers=True (formerly broadcast_buffers): BatchNorm running statistics are
+  copied from rank 0 at each forward,
+  so every rank holds the same buffers, and the EMA generator (which copies them) agrees too.
+- find_unused_parameters=False: every parameter of the trained network gets a gradient in its
+  phase. In the generator phase the discriminator is only used: gan.step freezes its
+  parameters and calls it under `no_sync`, so its reducer neither waits for nor all-reduces
+  gradients (the fake batch is detached in the discriminator phase, see STACK_NOTES).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gan.ema import GeneratorEMA
+from gan.models import build_discriminator, build_generator
+from gan.sampling import LatentSampler, step_generator
+from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
+from pipeline.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from pipeline.config import Params
+from pipeline.data import PreparedSplit, RankLoader, check_labels_for_model
+from pipeline.shards import verify_prepared
+
+# Keys that may change between a run and its resumption: they say how long and how often,
+# not what is trained. Everything else in model/train (and the dataset) names the run.
+RESUMABLE_KEYS = {"steps", "log_every", "checkpoint_every", "debug_checks", "out_dir"}
+HISTORY = "history.csv"
+DIVERGED_TAG = "ganpipe.diverged_at_step"
+
+
+class ResumeMismatchError(ValueError):
+    """A run's checkpoint was trained with a different configuration."""
+
+
+def run_identity(params: Params, dataset_hash: str) -> dict:
+    """What a run is: model, training (minus how long/often), workers and data version."""
+    train = {
+        k: v for k, v in params.train.model_dump(mode="json").items() if k not in RESUMABLE_KEYS
+    }
+    return {
+        "model": params.model.model_dump(mode="json"),
+        "train": train,
+        "num_workers": params.ray.num_workers,
+        "dataset": dataset_hash,
+    }
+
+
+def run_name(params: Params, dataset_hash: str) -> str:
+    digest = hashlib.sha256(json.dumps(run_identity(params, dataset_hash), sort_keys=True).encode())
+    return f"gan-{params.model.family}-{digest.hexdigest()[:12]}"
+
+
+def check_same_run(saved: dict, current: dict) -> None:
+    """Resuming with another configuration is a hard error that shows the difference."""
+    flat_saved, flat_current = _flat(saved), _flat(current)
+    diff = sorted(
+        k
+        for k in flat_saved.keys() | flat_current.keys()
+        if flat_saved.get(k) != flat_current.get(k)
+    )
+    if diff:
+        lines = "\n".join(
+            f"  {k}: checkpoint {flat_saved.get(k)!r} != now {flat_current.get(k)!r}" for k in diff
+        )
+        raise ResumeMismatchError(
+            f"the run's checkpoint was trained with a different configuration:\n{lines}"
+        )
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def build_models(params: Params, shape: tuple[int, int, int], num_classes: int):
+    """Generator and discriminator for the prepared image shape."""
+    m = params.model
+    height, _, channels = shape
+    g = build_generator(
+        m.family, channels=channels, resolution=height, z_dim=m.z_dim, width=m.g_width,
+        num_classes=num_classes, mlp_depth=m.mlp_depth, spectral_norm=m.spectral_norm_g,
+    )  # fmt: skip
+    d = build_discriminator(
+        m.family, channels=channels, resolution=height, width=m.d_width, num_classes=num_classes,
+        mlp_depth=m.mlp_depth, norm=m.d_norm, spectral_norm=m.spectral_norm_d,
+    )  # fmt: skip
+    return g, d
+
+
+def step_config(params: Params, device: torch.device) -> StepConfig:
+    t = params.train
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and bf16)
+    return StepConfig(
+        loss=t.loss, n_critic=t.n_critic, gp_weight=t.gp_weight, r1_gamma=t.r1_gamma,
+        r1_every=t.r1_every, diffaugment=t.diffaugment,
+        autocast_dtype=torch.bfloat16 if use_bf16 else None,
+    )  # fmt: skip
+
+
+def weights_agree(modules) -> bool:
+    """True when every rank holds the same parameters (one all-reduce of a checksum)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    flat = torch.cat([p.detach().double().flatten() for m in modules for p in m.parameters()])
+    local = torch.stack([flat.sum(), flat.square().sum()])
+    low, high = local.clone(), local.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's train_loop_per_worker: restore, train, report, checkpoint (rank 0)."""
+    import ray.train
+    import ray.train.torch
+
+    params = Params.model_validate(config["params"])
+    t = params.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    data = PreparedSplit(params.prepare.out_dir, "train")
+    num_classes = len(data.class_names) if params.model.conditional else 0
+
+    torch.manual_seed(t.seed)
+    g, d = build_models(params, data.shape, num_classes)
+    ddp = {"forward_sync_buffers": True, "find_unused_parameters": False}
+    g = ray.train.torch.prepare_model(g, parallel_strategy_kwargs=ddp)
+    d = ray.train.torch.prepare_model(d, parallel_strategy_kwargs=ddp)
+    betas = (t.beta1, t.beta2)
+    state = GANTrainState(
+        g, d,
+        torch.optim.Adam(g.parameters(), t.lr_g, betas=betas),
+        torch.optim.Adam(d.parameters(), t.lr_d, betas=betas),
+        GeneratorEMA(g, t.ema_decay, t.ema_warmup_steps),  # from rank 0's broadcast weights
+    )  # fmt: skip
+    modules = {"generator": g, "generator_ema": state.ema.model, "discriminator": d}
+    optimizers = {"opt_g": state.opt_g, "opt_d": state.opt_d}
+    loader = RankLoader(data, t.batch_size, rank, world, t.seed, num_classes > 0, device)
+    identity = config["identity"]
+
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            saved = load_checkpoint(Path(directory), modules, optimizers)
+            check_same_run(saved.params, identity)
+            start = saved.step
+            history = _read_history(Path(directory) / HISTORY)
+    consumed = start * t.n_critic
+    batches = loader.forever(consumed // len(loader), consumed % len(loader))
+    cfg, sampler = step_config(params, device), LatentSampler(params.model.z_dim, num_classes)
+
+    tick, images = time.perf_counter(), 0
+    for step in range(start, t.steps):
+        try:
+            metrics = train_step(
+                state, batches, cfg, sampler, step_generator(t.seed, rank, step), step
+            )
+        except NonFiniteError as exc:  # every rank raises at the same step (gan.step)
+            if rank == 0 and config.get("mlflow_run_id"):
+                _mark_diverged(config, exc)
+            ray.train.report({"step": step, "diverged": True})
+            return
+        images += t.batch_size * t.n_critic * world
+        done = step + 1
+        if done % t.log_every and done % t.checkpoint_every and done != t.steps:
+            continue
+        elapsed = time.perf_counter() - tick
+        metrics |= {"step": done, "images_per_s": images / elapsed, "diverged": False}
+        tick, images = time.perf_counter(), 0
+        history.append(metrics)
+        if rank == 0 and config.get("mlflow_run_id"):
+            _log_metrics(config, metrics, done)
+        to_save = None
+        if done % t.checkpoint_every == 0 or done == t.steps:
+            if t.debug_checks and not weights_agree([g, d, state.ema.model]):
+                raise RuntimeError(f"ranks hold different weights at step {done}")
+            if rank == 0:
+                consumed = done * t.n_critic
+                position = TrainingState(
+                    done,
+                    consumed // len(loader),
+                    consumed % len(loader),
+                    identity,
+                    data.dataset_hash,
+                )
+                to_save = Path(tempfile.mkdtemp(prefix="ganpipe-ckpt-"))
+                save_checkpoint(to_save / "ckpt", modules, optimizers, position)
+                _write_history(to_save / "ckpt" / HISTORY, history)
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(to_save / "ckpt") if to_save else None,
+        )
+        if to_save:
+            shutil.rmtree(to_save, ignore_errors=True)
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    fields = sorted({k for row in rows for k in row if k != "error"})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [
+            {k: (v == "True" if k == "diverged" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+def _log_metrics(config: dict, metrics: dict, step: int) -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), now, step) for k, v in metrics.items() if k not in ("step", "diverged")
+    ]
+    MlflowClient(config["tracking_uri"]).log_batch(config["mlflow_run_id"], metrics=batch)
+
+
+def _mark_diverged(config: dict, exc: NonFiniteError) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(config["tracking_uri"])
+    client.set_tag(config["mlflow_run_id"], DIVERGED_TAG, str(exc.step))
+    client.set_tag(config["mlflow_run_id"], "ganpipe.diverged_reason", str(exc)[:5000])
+
+
+def _for_workers(params: Params) -> dict:
+    """Params as JSON with local paths made absolute: Ray workers run in other directories."""
+    tree = params.model_dump(mode="json")
+    tree["prepare"]["out_dir"] = str(Path(params.prepare.out_dir).resolve())
+    return tree
+
+
+def _storage_path(path: str) -> str:
+    """Ray needs an absolute storage path (a relative one kills its controller)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash: str) -> str:
+    """The MLflow run of this training run: the earlier one when resuming, else a new one."""
+    from pipeline.tracking import flatten, git_commit
+
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(params.tracking.experiment)
+    )
+    found = client.search_runs(
+        [experiment_id], f"tags.`ganpipe.run_name` = '{name}'", max_results=1
+    )
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {
+        "ganpipe.run_name": name,
+        "ganpipe.dataset_hash": dataset_hash,
+        "ganpipe.git_commit": git_commit(),
+    }
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    from mlflow.entities import Param
+
+    flat = flatten(params.model_dump(mode="json"))
+    flat["train.global_batch_size"] = str(params.global_batch_size)
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
+    return run.info.run_id
+
+
+def train(params: Params) -> dict:
+    """Run (or resume) training; write result.json, the final checkpoint and the history."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.tracking import check_reachable, tracking_uri
+
+    manifest = verify_prepared(params.prepare.out_dir, ["train"])
+    check_labels_for_model(manifest, params.model.conditional)
+    identity = run_identity(params, manifest["dataset_hash"])
+    name = run_name(params, manifest["dataset_hash"])
+    uri = tracking_uri(params)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    run_id = _mlflow_run(client, params, name, identity, manifest["dataset_hash"])
+
+    address = os.environ.get("RAY_ADDRESS") or params.ray.address
+    if not ray.is_initialized():
+        ray.init(address=address) if address else ray.init()
+    use_gpu = params.ray.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "params": _for_workers(params),
+            "identity": identity,
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=params.ray.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": params.ray.cpus_per_worker},
+            placement_strategy=params.ray.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=_storage_path(params.ray.storage_path),
+            failure_config=FailureConfig(max_failures=params.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    tags = client.get_run(run_id).data.tags
+    diverged_at = tags.get(DIVERGED_TAG)
+    out = Path(params.train.out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    summary = {
+        "run_name": name,
+        "mlflow_run_id": run_id,
+        "dataset_hash": manifest["dataset_hash"],
+        "diverged": diverged_at is not None,
+        "diverged_at_step": int(diverged_at) if diverged_at is not None else None,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "steps": int(result.metrics.get("step", 0)) if result.metrics else 0,
+        "global_batch_size": params.global_batch_size,
+        "final_metrics": {
+            k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
+        },
+    }
+    if result.checkpoint:
+        with result.checkpoint.as_directory() as directory:
+            shutil.copytree(directory, out / "final")
+            if (Path(directory) / HISTORY).is_file():
+                shutil.copy(Path(directory) / HISTORY, out / HISTORY)
+    (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    client.set_terminated(run_id, status="FAILED" if summary["diverged"] else "FINISHED")
+    return summary
