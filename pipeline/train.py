@@ -174,8 +174,10 @@ def train_worker(config: dict) -> None:
     batches = loader.forever(consumed // len(loader), consumed % len(loader))
     cfg, sampler = step_config(params, device), LatentSampler(params.model.z_dim, num_classes)
 
+    faults = config.get("faults") or {}
     tick, images = time.perf_counter(), 0
     for step in range(start, t.steps):
+        _inject_faults(faults, rank, step, g)
         try:
             metrics = train_step(
                 state, batches, cfg, sampler, step_generator(t.seed, rank, step), step
@@ -219,6 +221,23 @@ def train_worker(config: dict) -> None:
             shutil.rmtree(to_save, ignore_errors=True)
 
 
+def _inject_faults(faults: dict, rank: int, step: int, generator) -> None:
+    """Fault drills (tests, chaos runs): kill a worker once, or poison the weights.
+
+    exit_rank/exit_at_step/marker: that rank exits abruptly at that step, once (the marker
+    file remembers), as a lost node would. nan_at_step: the generator's weights turn NaN.
+    """
+    if step == faults.get("exit_at_step") and rank == faults.get("exit_rank"):
+        marker = Path(faults["marker"])
+        if not marker.exists():
+            marker.touch()
+            os._exit(1)
+    if step == faults.get("nan_at_step"):
+        with torch.no_grad():
+            for p in generator.parameters():
+                p.fill_(float("nan"))
+
+
 def _write_history(path: Path, rows: list[dict]) -> None:
     fields = sorted({k for row in rows for k in row if k != "error"})
     with open(path, "w", newline="") as f:
@@ -230,11 +249,9 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 def _read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
+    parse = {"diverged": lambda v: v == "True", "step": int}
     with open(path, newline="") as f:
-        return [
-            {k: (v == "True" if k == "diverged" else float(v)) for k, v in row.items()}
-            for row in csv.DictReader(f)
-        ]
+        return [{k: parse.get(k, float)(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _log_metrics(config: dict, metrics: dict, step: int) -> None:
@@ -298,8 +315,10 @@ def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash:
     return run.info.run_id
 
 
-def train(params: Params) -> dict:
-    """Run (or resume) training; write result.json, the final checkpoint and the history."""
+def train(params: Params, faults: dict | None = None) -> dict:
+    """Run (or resume) training; write result.json, the final checkpoint and the history.
+
+    `faults` injects failures for drills and tests (see `_inject_faults`)."""
     import ray
     from mlflow.tracking import MlflowClient
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -329,6 +348,7 @@ def train(params: Params) -> dict:
             "identity": identity,
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
+            "faults": faults,
         },
         scaling_config=ScalingConfig(
             num_workers=params.ray.num_workers,

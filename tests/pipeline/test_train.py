@@ -1,0 +1,129 @@
+"""The train stage on real Ray (local, CPU, gloo) with a tiny DCGAN on 8x8 digits."""
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from pipeline.checkpoint import WEIGHTS
+from pipeline.config import validate_params
+from pipeline.prepare import prepare
+from pipeline.train import ResumeMismatchError, check_same_run, run_identity, run_name
+
+
+def tiny_params(tmp_path, name, **train):
+    return validate_params(
+        {
+            "prepare": {"out_dir": str(tmp_path / "prepared"), "resolution": 8},
+            "model": {"g_width": 8, "d_width": 8, "z_dim": 8},
+            "train": {
+                "steps": 12,
+                "batch_size": 16,
+                "log_every": 4,
+                "checkpoint_every": 4,
+                "debug_checks": True,
+                "out_dir": str(tmp_path / name / "out"),
+                **train,
+            },  # fmt: skip
+            "ray": {
+                "num_workers": 2,
+                "max_failures": 1,
+                "storage_path": str(tmp_path / name / "runs"),
+            },
+            "tracking": {"uri": f"sqlite:///{tmp_path / name / 'mlflow.db'}"},
+        }
+    )
+
+
+def test_run_names_follow_what_is_trained_not_how_long():
+    base = validate_params({})
+    longer = validate_params({"train": {"steps": 99999, "log_every": 7}})
+    other = validate_params({"train": {"lr_g": 1e-3}})
+    assert run_name(base, "data1") == run_name(longer, "data1")
+    assert run_name(base, "data1") != run_name(other, "data1")
+    assert run_name(base, "data1") != run_name(base, "data2")
+
+
+def test_resuming_with_another_configuration_shows_the_difference():
+    saved = run_identity(validate_params({}), "data1")
+    check_same_run(saved, run_identity(validate_params({"train": {"steps": 5}}), "data1"))
+    with pytest.raises(ResumeMismatchError, match=r"train.lr_g: checkpoint 0.0002 != now 0.001"):
+        check_same_run(saved, run_identity(validate_params({"train": {"lr_g": 1e-3}}), "data1"))
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def prepared(tmp_path):
+    prepare(tiny_params(tmp_path, "x"), progress=False)
+
+
+def final_weights(params):
+    return load_file(f"{params.train.out_dir}/final/{WEIGHTS}")
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
+    tmp_path, ray_session, prepared
+):
+    from pipeline.train import train
+
+    steady = tiny_params(tmp_path, "steady")
+    faulty = tiny_params(tmp_path, "faulty")
+    a = train(steady)
+    b = train(faulty, faults={"exit_rank": 1, "exit_at_step": 6, "marker": str(tmp_path / "died")})
+    assert (tmp_path / "died").exists()  # the worker really died once
+    assert a["steps"] == b["steps"] == 12 and not a["diverged"] and not b["diverged"]
+    weights_a, weights_b = final_weights(steady), final_weights(faulty)
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        if key.startswith(("generator", "discriminator")):
+            torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0, msg=key)
+    history = (tmp_path / "faulty" / "out" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[-1] for row in history[1:]] == ["4", "8", "12"]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'faulty' / 'mlflow.db'}").get_run(b["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ganpipe.dataset_hash"] == b["dataset_hash"]
+    assert run.data.params["train.global_batch_size"] == "32"
+    assert "loss_d" in run.data.metrics
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_the_last_checkpoint(tmp_path, ray_session, prepared):
+    from pipeline.train import train
+
+    first = train(tiny_params(tmp_path, "run", steps=8))
+    history_first = (tmp_path / "run" / "out" / "history.csv").read_text().splitlines()
+    second = train(tiny_params(tmp_path, "run", steps=12))  # same run, trained further
+    history_second = (tmp_path / "run" / "out" / "history.csv").read_text().splitlines()
+    assert first["run_name"] == second["run_name"]
+    assert second["steps"] == 12
+    assert history_second[: len(history_first)] == history_first  # continued, not restarted
+    assert len(history_second) == len(history_first) + 1
+
+
+@pytest.mark.slow
+def test_non_finite_weights_stop_the_run_as_diverged_without_a_bad_checkpoint(
+    tmp_path, ray_session, prepared
+):
+    from pipeline.train import train
+
+    params = tiny_params(tmp_path, "nan")
+    result = train(params, faults={"nan_at_step": 6})
+    assert result["diverged"] and result["diverged_at_step"] == 6
+    saved = json.loads((tmp_path / "nan" / "out" / "result.json").read_text())
+    assert saved["diverged_at_step"] == 6
+    assert json.loads((tmp_path / "nan" / "out" / "final" / "state.json").read_text())["step"] == 4
+    for tensor in final_weights(params).values():
+        assert not tensor.is_floating_point() or torch.isfinite(tensor).all()
+    run = MlflowClient(params.tracking.uri).get_run(result["mlflow_run_id"])
+    assert run.info.status == "FAILED"
+    assert "diverged at step 6" in run.data.tags["ganpipe.diverged_reason"]
