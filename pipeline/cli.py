@@ -19,9 +19,12 @@ import yaml
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from pipeline.shards import DataError
 from pipeline.sources import SourceError
+from pipeline.tracking import TrackingError
+from pipeline.train import ResumeMismatchError
 
 EXIT_BAD_INPUT = 1
 EXIT_BAD_PARAMS = 2
+EXIT_INTERRUPTED = 130
 
 
 def _params_options() -> argparse.ArgumentParser:
@@ -148,9 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = {"validate": cmd_validate, "prepare": cmd_prepare, "train": cmd_train}[args.command]
     try:
         return stage(params, args)
-    except (SourceError, DataError) as exc:
+    except (SourceError, DataError, TrackingError, ResumeMismatchError) as exc:
         print(f"ganpipe {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"ganpipe {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -31,6 +31,15 @@ def tracking_uri(params: Params) -> str:
     return uri
 
 
+def artifact_location(uri: str) -> str | None:
+    """For the embedded sqlite store: artifacts in `mlartifacts/` beside the database, as an
+    absolute URI (workers write from other directories). A server chooses its own."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix) :]).parent / "mlartifacts").as_uri()
+
+
 def check_reachable(uri: str) -> None:
     """Fail in seconds, not minutes, when an HTTP tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):

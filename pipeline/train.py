@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -29,9 +30,9 @@ import torch
 
 from gan.ema import GeneratorEMA
 from gan.models import build_discriminator, build_generator
-from gan.sampling import LatentSampler, step_generator
+from gan.sampling import LatentSampler, fixed_latents, step_generator
 from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
-from pipeline.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import STATE, TrainingState, load_checkpoint, save_checkpoint
 from pipeline.config import Params
 from pipeline.data import PreparedSplit, RankLoader, check_labels_for_model
 from pipeline.shards import verify_prepared
@@ -147,9 +148,13 @@ def train_worker(config: dict) -> None:
 
     torch.manual_seed(t.seed)
     g, d = build_models(params, data.shape, num_classes)
+    if _enabled(t.channels_last, device):
+        g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
     ddp = {"forward_sync_buffers": True, "find_unused_parameters": False}
     g = ray.train.torch.prepare_model(g, parallel_strategy_kwargs=ddp)
     d = ray.train.torch.prepare_model(d, parallel_strategy_kwargs=ddp)
+    if t.compile:
+        g, d = torch.compile(g), torch.compile(d)
     betas = (t.beta1, t.beta2)
     state = GANTrainState(
         g, d,
@@ -213,12 +218,51 @@ def train_worker(config: dict) -> None:
                 to_save = Path(tempfile.mkdtemp(prefix="ganpipe-ckpt-"))
                 save_checkpoint(to_save / "ckpt", modules, optimizers, position)
                 _write_history(to_save / "ckpt" / HISTORY, history)
+                grid = _save_sample_grid(
+                    state.ema.model, params, num_classes, device, to_save / "ckpt"
+                )
+                if config.get("mlflow_run_id"):
+                    _log_artifact(config, grid, f"samples/step_{done:07d}.png")
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(to_save / "ckpt") if to_save else None,
         )
         if to_save:
             shutil.rmtree(to_save, ignore_errors=True)
+
+
+def _enabled(option: str, device: torch.device) -> bool:
+    """'auto' means on for GPUs, off on CPU."""
+    return option == "on" or (option == "auto" and device.type == "cuda")
+
+
+SAMPLES = "samples.png"
+
+
+def _save_sample_grid(
+    ema_generator, params: Params, num_classes: int, device, directory: Path
+) -> Path:
+    """An 8x8 grid of the EMA generator's samples on fixed noise (labels cycle the classes)."""
+    from torchvision.utils import save_image
+
+    z, labels = fixed_latents(64, params.model.z_dim, num_classes, params.train.seed, device)
+    with torch.no_grad():
+        images = ema_generator(z, labels).float()
+    path = directory / SAMPLES
+    save_image((images + 1) / 2, path, nrow=8)
+    return path
+
+
+def _log_artifact(config: dict, path: Path, name: str) -> None:
+    """Log `path` under the artifact path `name` (directory/filename) of the MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / Path(name).name
+        shutil.copy(path, target)
+        MlflowClient(config["tracking_uri"]).log_artifact(
+            config["mlflow_run_id"], str(target), str(Path(name).parent)
+        )
 
 
 def _inject_faults(faults: dict, rank: int, step: int, generator) -> None:
@@ -280,6 +324,15 @@ def _for_workers(params: Params) -> dict:
     return tree
 
 
+def _check_existing_run(storage: str, name: str, identity: dict) -> None:
+    """Before starting Ray: a local run of this name must have been trained like this one."""
+    if "://" in storage:
+        return  # remote storage: the workers check the checkpoint they restore
+    states = sorted(Path(storage, name).glob(f"checkpoint_*/{STATE}"))
+    if states:
+        check_same_run(json.loads(states[-1].read_text())["params"], identity)
+
+
 def _storage_path(path: str) -> str:
     """Ray needs an absolute storage path (a relative one kills its controller)."""
     return path if "://" in path else str(Path(path).resolve())
@@ -287,14 +340,14 @@ def _storage_path(path: str) -> str:
 
 def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash: str) -> str:
     """The MLflow run of this training run: the earlier one when resuming, else a new one."""
-    from pipeline.tracking import flatten, git_commit
+    from pipeline.tracking import artifact_location, flatten, git_commit
 
     experiment = client.get_experiment_by_name(params.tracking.experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment
-        else client.create_experiment(params.tracking.experiment)
-    )
+    if experiment is None:
+        location = artifact_location(client.tracking_uri)
+        experiment_id = client.create_experiment(params.tracking.experiment, location)
+    else:
+        experiment_id = experiment.experiment_id
     found = client.search_runs(
         [experiment_id], f"tags.`ganpipe.run_name` = '{name}'", max_results=1
     )
@@ -330,6 +383,8 @@ def train(params: Params, faults: dict | None = None) -> dict:
     check_labels_for_model(manifest, params.model.conditional)
     identity = run_identity(params, manifest["dataset_hash"])
     name = run_name(params, manifest["dataset_hash"])
+    storage = _storage_path(params.ray.storage_path)
+    _check_existing_run(storage, name, identity)
     uri = tracking_uri(params)
     check_reachable(uri)
     client = MlflowClient(uri)
@@ -358,18 +413,28 @@ def train(params: Params, faults: dict | None = None) -> dict:
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=_storage_path(params.ray.storage_path),
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=params.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    # Ray's fit() turns SIGINT into a graceful abort of the run; SIGTERM is sent the same way.
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         result = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):  # Ray exits from its handler if the abort races
+        client.set_terminated(run_id, status="KILLED")
+        raise KeyboardInterrupt("training interrupted") from None
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
-    tags = client.get_run(run_id).data.tags
-    diverged_at = tags.get(DIVERGED_TAG)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    diverged_at = client.get_run(run_id).data.tags.get(DIVERGED_TAG)
+    reached = int(result.metrics.get("step", 0)) if result.metrics else 0
+    if diverged_at is None and reached < params.train.steps:  # aborted gracefully
+        client.set_terminated(run_id, status="KILLED")
+        raise KeyboardInterrupt(f"training interrupted; last checkpoint at step {reached}")
     out = Path(params.train.out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -381,7 +446,7 @@ def train(params: Params, faults: dict | None = None) -> dict:
         "diverged": diverged_at is not None,
         "diverged_at_step": int(diverged_at) if diverged_at is not None else None,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "steps": int(result.metrics.get("step", 0)) if result.metrics else 0,
+        "steps": reached,
         "global_batch_size": params.global_batch_size,
         "final_metrics": {
             k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
@@ -390,8 +455,9 @@ def train(params: Params, faults: dict | None = None) -> dict:
     if result.checkpoint:
         with result.checkpoint.as_directory() as directory:
             shutil.copytree(directory, out / "final")
-            if (Path(directory) / HISTORY).is_file():
-                shutil.copy(Path(directory) / HISTORY, out / HISTORY)
+            for name in (HISTORY, SAMPLES):
+                if (Path(directory) / name).is_file():
+                    shutil.copy(Path(directory) / name, out / name)
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     client.set_terminated(run_id, status="FAILED" if summary["diverged"] else "FINISHED")
     return summary

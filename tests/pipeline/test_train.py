@@ -94,6 +94,14 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
     assert run.data.tags["ganpipe.dataset_hash"] == b["dataset_hash"]
     assert run.data.params["train.global_batch_size"] == "32"
     assert "loss_d" in run.data.metrics
+    artifacts = [
+        a.path
+        for a in MlflowClient(
+            run.info.artifact_uri and f"sqlite:///{tmp_path / 'faulty' / 'mlflow.db'}"
+        ).list_artifacts(run.info.run_id, "samples")
+    ]
+    assert artifacts[-1] == "samples/step_0000012.png"
+    assert (tmp_path / "faulty" / "out" / "samples.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -127,3 +135,67 @@ def test_non_finite_weights_stop_the_run_as_diverged_without_a_bad_checkpoint(
     run = MlflowClient(params.tracking.uri).get_run(result["mlflow_run_id"])
     assert run.info.status == "FAILED"
     assert "diverged at step 6" in run.data.tags["ganpipe.diverged_reason"]
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path, prepared, monkeypatch):
+    import time
+
+    from pipeline.tracking import TrackingError
+    from pipeline.train import train
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing there
+    start = time.monotonic()
+    with pytest.raises(TrackingError, match=r"http://127.0.0.1:9 is unreachable"):
+        train(tiny_params(tmp_path, "offline"))
+    assert time.monotonic() - start < 10
+
+
+def test_resuming_a_run_trained_differently_is_refused_before_ray_starts(tmp_path, prepared):
+    from pipeline.checkpoint import STATE
+    from pipeline.train import train
+
+    params = tiny_params(tmp_path, "clash")
+    identity = run_identity(params, "not-this-dataset")
+    name = run_name(
+        params, json.loads((tmp_path / "prepared" / "manifest.json").read_text())["dataset_hash"]
+    )
+    fake = tmp_path / "clash" / "runs" / name / "checkpoint_2026-01-01_00-00-00.000000"
+    fake.mkdir(parents=True)
+    (fake / STATE).write_text(json.dumps({"params": identity}))
+    with pytest.raises(ResumeMismatchError, match="dataset: checkpoint 'not-this-dataset'"):
+        train(params)
+
+
+@pytest.mark.slow
+def test_sigint_stops_within_30_s_keeps_the_checkpoint_and_marks_the_run_killed(tmp_path, prepared):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.checkpoint import read_checkpoint
+
+    params = tiny_params(tmp_path, "sigint", steps=100000)
+    (tmp_path / "params.yaml").write_text(json.dumps(params.model_dump(mode="json")))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train"], cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    runs = tmp_path / "sigint" / "runs"
+    deadline = time.monotonic() + 240
+    while not list(runs.glob("*/checkpoint_*/state.json")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(1)
+    assert list(runs.glob("*/checkpoint_*/state.json")), "no checkpoint within 4 minutes"
+    os.kill(process.pid, signal.SIGINT)
+    start = time.monotonic()
+    process.wait(timeout=60)
+    assert time.monotonic() - start < 30
+    assert process.returncode == 130
+    latest = sorted(runs.glob("*/checkpoint_*/state.json"))[-1].parent
+    tensors, meta = read_checkpoint(latest)  # intact
+    assert meta["step"] % 4 == 0 and tensors
+    client = MlflowClient(params.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ganpipe").experiment_id])
+    assert run.info.status == "KILLED"
