@@ -166,6 +166,10 @@ def train_worker(config: dict) -> None:
     optimizers = {"opt_g": state.opt_g, "opt_d": state.opt_d}
     loader = RankLoader(data, t.batch_size, rank, world, t.seed, num_classes > 0, device)
     identity = config["identity"]
+    if rank == 0 and config.get("mlflow_run_id"):
+        _tag(config, "ganpipe.num_nodes", str(len(set(_node_ids()))))
+    elif world > 1:
+        _node_ids()  # a collective: every rank takes part
 
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -179,56 +183,77 @@ def train_worker(config: dict) -> None:
     batches = loader.forever(consumed // len(loader), consumed % len(loader))
     cfg, sampler = step_config(params, device), LatentSampler(params.model.z_dim, num_classes)
 
-    faults = config.get("faults") or {}
-    tick, images = time.perf_counter(), 0
-    for step in range(start, t.steps):
-        _inject_faults(faults, rank, step, g)
-        try:
-            metrics = train_step(
-                state, batches, cfg, sampler, step_generator(t.seed, rank, step), step
-            )
-        except NonFiniteError as exc:  # every rank raises at the same step (gan.step)
-            if rank == 0 and config.get("mlflow_run_id"):
-                _mark_diverged(config, exc)
-            ray.train.report({"step": step, "diverged": True})
-            return
-        images += t.batch_size * t.n_critic * world
-        done = step + 1
-        if done % t.log_every and done % t.checkpoint_every and done != t.steps:
-            continue
-        elapsed = time.perf_counter() - tick
-        metrics |= {"step": done, "images_per_s": images / elapsed, "diverged": False}
+    monitor = _system_metrics(config) if rank == 0 else None
+    try:
+        faults = config.get("faults") or {}
         tick, images = time.perf_counter(), 0
-        history.append(metrics)
-        if rank == 0 and config.get("mlflow_run_id"):
-            _log_metrics(config, metrics, done)
-        to_save = None
-        if done % t.checkpoint_every == 0 or done == t.steps:
-            if t.debug_checks and not weights_agree([g, d, state.ema.model]):
-                raise RuntimeError(f"ranks hold different weights at step {done}")
-            if rank == 0:
-                consumed = done * t.n_critic
-                position = TrainingState(
-                    done,
-                    consumed // len(loader),
-                    consumed % len(loader),
-                    identity,
-                    data.dataset_hash,
+        for step in range(start, t.steps):
+            _inject_faults(faults, rank, step, g)
+            try:
+                metrics = train_step(
+                    state, batches, cfg, sampler, step_generator(t.seed, rank, step), step
                 )
-                to_save = Path(tempfile.mkdtemp(prefix="ganpipe-ckpt-"))
-                save_checkpoint(to_save / "ckpt", modules, optimizers, position)
-                _write_history(to_save / "ckpt" / HISTORY, history)
-                grid = _save_sample_grid(
-                    state.ema.model, params, num_classes, device, to_save / "ckpt"
-                )
-                if config.get("mlflow_run_id"):
-                    _log_artifact(config, grid, f"samples/step_{done:07d}.png")
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(to_save / "ckpt") if to_save else None,
-        )
-        if to_save:
-            shutil.rmtree(to_save, ignore_errors=True)
+            except NonFiniteError as exc:  # every rank raises at the same step (gan.step)
+                if rank == 0 and config.get("mlflow_run_id"):
+                    _mark_diverged(config, exc)
+                ray.train.report({"step": step, "diverged": True})
+                return
+            images += t.batch_size * t.n_critic * world
+            done = step + 1
+            if done % t.log_every and done % t.checkpoint_every and done != t.steps:
+                continue
+            elapsed = time.perf_counter() - tick
+            metrics |= {"step": done, "images_per_s": images / elapsed, "diverged": False}
+            tick, images = time.perf_counter(), 0
+            history.append(metrics)
+            if rank == 0 and config.get("mlflow_run_id"):
+                _log_metrics(config, metrics, done)
+            to_save = None
+            if done % t.checkpoint_every == 0 or done == t.steps:
+                if t.debug_checks and not weights_agree([g, d, state.ema.model]):
+                    raise RuntimeError(f"ranks hold different weights at step {done}")
+                if rank == 0:
+                    consumed = done * t.n_critic
+                    position = TrainingState(
+                        done,
+                        consumed // len(loader),
+                        consumed % len(loader),
+                        identity,
+                        data.dataset_hash,
+                    )
+                    to_save = Path(tempfile.mkdtemp(prefix="ganpipe-ckpt-"))
+                    save_checkpoint(to_save / "ckpt", modules, optimizers, position)
+                    _write_history(to_save / "ckpt" / HISTORY, history)
+                    grid = _save_sample_grid(
+                        state.ema.model, params, num_classes, device, to_save / "ckpt"
+                    )
+                    if config.get("mlflow_run_id"):
+                        _log_artifact(config, grid, f"samples/step_{done:07d}.png")
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(to_save / "ckpt")
+                if to_save
+                else None,
+            )
+            if to_save:
+                shutil.rmtree(to_save, ignore_errors=True)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _system_metrics(config: dict):
+    """MLflow's CPU/memory/GPU sampler on rank 0's node (every 10 s), or None if untracked."""
+    if not config.get("mlflow_run_id"):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        config["mlflow_run_id"], sampling_interval=10, resume_logging=True,
+        tracking_uri=config["tracking_uri"],
+    )  # fmt: skip
+    monitor.start()
+    return monitor
 
 
 def _enabled(option: str, device: torch.device) -> bool:
@@ -309,12 +334,28 @@ def _log_metrics(config: dict, metrics: dict, step: int) -> None:
     MlflowClient(config["tracking_uri"]).log_batch(config["mlflow_run_id"], metrics=batch)
 
 
-def _mark_diverged(config: dict, exc: NonFiniteError) -> None:
+def _node_ids() -> list[str]:
+    """The Ray node id of every rank (an all-gather), so a run records how many nodes it used."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
+def _tag(config: dict, key: str, value: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(config["tracking_uri"])
-    client.set_tag(config["mlflow_run_id"], DIVERGED_TAG, str(exc.step))
-    client.set_tag(config["mlflow_run_id"], "ganpipe.diverged_reason", str(exc)[:5000])
+    MlflowClient(config["tracking_uri"]).set_tag(config["mlflow_run_id"], key, value)
+
+
+def _mark_diverged(config: dict, exc: NonFiniteError) -> None:
+    _tag(config, DIVERGED_TAG, str(exc.step))
+    _tag(config, "ganpipe.diverged_reason", str(exc)[:5000])
 
 
 def _for_workers(params: Params) -> dict:

@@ -92,6 +92,7 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
     run = MlflowClient(f"sqlite:///{tmp_path / 'faulty' / 'mlflow.db'}").get_run(b["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["ganpipe.dataset_hash"] == b["dataset_hash"]
+    assert run.data.tags["ganpipe.num_nodes"] == "1"
     assert run.data.params["train.global_batch_size"] == "32"
     assert "loss_d" in run.data.metrics
     artifacts = [
@@ -124,7 +125,9 @@ def test_non_finite_weights_stop_the_run_as_diverged_without_a_bad_checkpoint(
 ):
     from pipeline.train import train
 
-    params = tiny_params(tmp_path, "nan")
+    one_worker = tiny_params(tmp_path, "nan").model_dump(mode="json")
+    one_worker["ray"]["num_workers"] = 1  # the path without a DDP wrapper
+    params = validate_params(one_worker)
     result = train(params, faults={"nan_at_step": 6})
     assert result["diverged"] and result["diverged_at_step"] == 6
     saved = json.loads((tmp_path / "nan" / "out" / "result.json").read_text())
@@ -248,3 +251,6 @@ def test_default_digits_training_makes_samples_close_to_real_digits(tmp_path, ra
         d_noise,
     )
     assert (tmp_path / "out" / "samples.png").is_file()  # the grid, also an MLflow artifact
+    metrics = MlflowClient(params.tracking.uri).get_run(result["mlflow_run_id"]).data.metrics
+    assert any(k.startswith("system/cpu") for k in metrics), sorted(metrics)
+    assert metrics["images_per_s"] > 0
