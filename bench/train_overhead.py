@@ -100,13 +100,10 @@ def main() -> None:
         f"checkpoint_every={base.train.checkpoint_every}"
     )
     print(f"plain loop                  {plain:8.1f} images/s")
-    print(
-        f"ray, 1 worker, defaults     {default:8.1f} images/s  overhead {100 * (1 - default / plain):5.1f}%"
-    )
+    overhead = 100 * (1 - default / plain)
+    print(f"ray, 1 worker, defaults     {default:8.1f} images/s  overhead {overhead:5.1f}%")
     print(f"ray, report every 10 steps  {every:8.1f} images/s  {report_cost:6.2f} s per report")
-    print(
-        f"ray, report+ckpt every 20   {ckpt:8.1f} images/s  {checkpoint_cost:6.2f} s per report+checkpoint"
-    )
+    print(f"ray, report+ckpt every 20   {ckpt:8.1f} images/s  {checkpoint_cost:6.2f} s per pair")
 
 
 if __name__ == "__main__":
