@@ -265,12 +265,12 @@ def test_dvc_repro_twice_runs_prepare_once(tmp_path):
 
     sh("git", "init", "-q")
     sh(sys.executable, "-m", "dvc", "init", "-q")
-    first = sh(sys.executable, "-m", "dvc", "repro")
+    first = sh(sys.executable, "-m", "dvc", "repro", "prepare")
     assert "Running stage 'prepare'" in first.stdout
     manifest = json.loads((tmp_path / "data" / "prepared" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 1438
-    second = sh(sys.executable, "-m", "dvc", "repro")
+    second = sh(sys.executable, "-m", "dvc", "repro", "prepare")
     assert "Running stage" not in second.stdout
     assert "didn't change" in second.stdout or "up to date" in second.stdout
-    changed = sh(sys.executable, "-m", "dvc", "repro", "--dry")
+    changed = sh(sys.executable, "-m", "dvc", "repro", "--dry", "prepare")
     assert "Running stage" not in changed.stdout

@@ -203,6 +203,19 @@ def test_sigint_stops_within_30_s_keeps_the_checkpoint_and_marks_the_run_killed(
     (run,) = client.search_runs([client.get_experiment_by_name("ganpipe").experiment_id])
     assert run.info.status == "KILLED"
 
+    # a new driver (as after a crash, `dvc repro` again) picks the run up at its checkpoint
+    target = meta["step"] + 4
+    resumed = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--set", f"train.steps={target}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "sigint" / "out" / "result.json").read_text())
+    assert summary["steps"] == target and summary["mlflow_run_id"] == run.info.run_id
+    history = (tmp_path / "sigint" / "out" / "history.csv").read_text().splitlines()
+    assert [int(row.rsplit(",", 1)[1]) for row in history[1:]][-2:] == [meta["step"], target]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
 
 @pytest.mark.slow
 def test_default_digits_training_makes_samples_close_to_real_digits(tmp_path, ray_session):
