@@ -535,3 +535,15 @@ def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str]
             raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         raw = apply_overrides(raw or {}, overrides)
     return validate_params(raw, str(path))
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'lr_g': 1e-4}} -> {'train.lr_g': 1e-4}; empty sections stay as {}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

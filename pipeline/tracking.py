@@ -61,15 +61,3 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() or "unknown"
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    """{'train': {'lr_g': 1e-4}} -> {'train.lr_g': '0.0001'} (MLflow params are strings)."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = str(value)
-    return flat

@@ -33,7 +33,7 @@ from gan.models import build_discriminator, build_generator
 from gan.sampling import LatentSampler, fixed_latents, step_generator
 from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
 from pipeline.checkpoint import STATE, TrainingState, load_checkpoint, save_checkpoint
-from pipeline.config import Params
+from pipeline.config import Params, flatten
 from pipeline.data import PreparedSplit, RankLoader, check_labels_for_model
 from pipeline.shards import verify_prepared
 
@@ -68,29 +68,15 @@ def run_name(params: Params, dataset_hash: str) -> str:
 
 def check_same_run(saved: dict, current: dict) -> None:
     """Resuming with another configuration is a hard error that shows the difference."""
-    flat_saved, flat_current = _flat(saved), _flat(current)
-    diff = sorted(
-        k
-        for k in flat_saved.keys() | flat_current.keys()
-        if flat_saved.get(k) != flat_current.get(k)
-    )
+    before, now = flatten(saved), flatten(current)
+    diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if diff:
         lines = "\n".join(
-            f"  {k}: checkpoint {flat_saved.get(k)!r} != now {flat_current.get(k)!r}" for k in diff
+            f"  {k}: checkpoint {before.get(k)!r} != now {now.get(k)!r}" for k in diff
         )
         raise ResumeMismatchError(
             f"the run's checkpoint was trained with a different configuration:\n{lines}"
         )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def build_models(params: Params, shape: tuple[int, int, int], num_classes: int):
@@ -166,10 +152,9 @@ def train_worker(config: dict) -> None:
     optimizers = {"opt_g": state.opt_g, "opt_d": state.opt_d}
     loader = RankLoader(data, t.batch_size, rank, world, t.seed, num_classes > 0, device)
     identity = config["identity"]
+    nodes = _node_ids()  # a collective: every rank takes part
     if rank == 0 and config.get("mlflow_run_id"):
-        _tag(config, "ganpipe.num_nodes", str(len(set(_node_ids()))))
-    elif world > 1:
-        _node_ids()  # a collective: every rank takes part
+        _tag(config, "ganpipe.num_nodes", str(len(set(nodes))))
 
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -381,7 +366,7 @@ def _storage_path(path: str) -> str:
 
 def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash: str) -> str:
     """The MLflow run of this training run: the earlier one when resuming, else a new one."""
-    from pipeline.tracking import artifact_location, flatten, git_commit
+    from pipeline.tracking import artifact_location, git_commit
 
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     if experiment is None:
@@ -403,7 +388,7 @@ def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash:
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     from mlflow.entities import Param
 
-    flat = flatten(params.model_dump(mode="json"))
+    flat = {k: str(v) for k, v in flatten(params.model_dump(mode="json")).items()}
     flat["train.global_batch_size"] = str(params.global_batch_size)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
     return run.info.run_id
