@@ -15,8 +15,13 @@ from torch import nn
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel (or similar) wrapper, else the module itself."""
-    return getattr(module, "module", module)
+    """The model inside DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`)
+    wrappers, in any nesting; the module itself when it is not wrapped."""
+    while True:
+        inner = getattr(module, "module", None) or getattr(module, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return module
+        module = inner
 
 
 class GeneratorEMA:

@@ -88,9 +88,10 @@ def _rng_state() -> tuple[dict, dict]:
 
 def _restore_rng(tensors: dict, meta: dict) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if torch.cuda.is_available():  # as many devices as this process sees
+        for index in range(torch.cuda.device_count()):
+            if f"rng.cuda.{index}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{index}"], index)
     kind, keys, pos, has_gauss, gauss = meta["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, py_state, py_gauss = meta["python"]
@@ -132,9 +133,11 @@ def save_checkpoint(
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(cpu, tmp / WEIGHTS, metadata={"format": FORMAT})
         (tmp / STATE).write_text(json.dumps(meta, indent=1))
+        old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
         if directory.exists():
-            shutil.rmtree(directory)
+            directory.rename(old)  # kept until the new checkpoint is in place
         tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

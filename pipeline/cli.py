@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.checkpoint import CheckpointError
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from pipeline.shards import DataError
 from pipeline.sources import SourceError
@@ -151,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage = {"validate": cmd_validate, "prepare": cmd_prepare, "train": cmd_train}[args.command]
     try:
         return stage(params, args)
-    except (SourceError, DataError, TrackingError, ResumeMismatchError) as exc:
+    except (SourceError, DataError, TrackingError, ResumeMismatchError, CheckpointError) as exc:
         print(f"ganpipe {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from pipeline.shards import verify_prepared
 RESUMABLE_KEYS = {"steps", "log_every", "checkpoint_every", "debug_checks", "out_dir"}
 HISTORY = "history.csv"
 DIVERGED_TAG = "ganpipe.diverged_at_step"
+DIVERGED_REASON_TAG = "ganpipe.diverged_reason"
 
 
 class ResumeMismatchError(ValueError):
@@ -340,7 +342,7 @@ def _tag(config: dict, key: str, value: str) -> None:
 
 def _mark_diverged(config: dict, exc: NonFiniteError) -> None:
     _tag(config, DIVERGED_TAG, str(exc.step))
-    _tag(config, "ganpipe.diverged_reason", str(exc)[:5000])
+    _tag(config, DIVERGED_REASON_TAG, str(exc)[:5000])
 
 
 def _for_workers(params: Params) -> dict:
@@ -377,9 +379,13 @@ def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash:
     found = client.search_runs(
         [experiment_id], f"tags.`ganpipe.run_name` = '{name}'", max_results=1
     )
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
+    if found:  # resuming: this attempt's outcome replaces an earlier attempt's
+        run_id = found[0].info.run_id
+        for tag in (DIVERGED_TAG, DIVERGED_REASON_TAG):
+            if tag in found[0].data.tags:
+                client.delete_tag(run_id, tag)
+        client.update_run(run_id, status="RUNNING")
+        return run_id
     tags = {
         "ganpipe.run_name": name,
         "ganpipe.dataset_hash": dataset_hash,
@@ -398,10 +404,7 @@ def train(params: Params, faults: dict | None = None) -> dict:
     """Run (or resume) training; write result.json, the final checkpoint and the history.
 
     `faults` injects failures for drills and tests (see `_inject_faults`)."""
-    import ray
     from mlflow.tracking import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from pipeline.tracking import check_reachable, tracking_uri
 
@@ -416,6 +419,60 @@ def train(params: Params, faults: dict | None = None) -> dict:
     client = MlflowClient(uri)
     run_id = _mlflow_run(client, params, name, identity, manifest["dataset_hash"])
 
+    # Ray's fit() turns SIGINT into a graceful abort (and leaves its handler installed: put ours
+    # back after); SIGTERM is re-sent as SIGINT so it aborts the same way.
+    main_thread = threading.current_thread() is threading.main_thread()  # signals live there
+    sigint = signal.getsignal(signal.SIGINT)
+    if main_thread:
+        sigterm = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        result = _fit(params, name, storage, {
+            "params": _for_workers(params),
+            "identity": identity,
+            "tracking_uri": uri,
+            "mlflow_run_id": run_id,
+            "faults": faults,
+        })  # fmt: skip
+        diverged_at = client.get_run(run_id).data.tags.get(DIVERGED_TAG)
+        reached = int(result.metrics.get("step", 0)) if result.metrics else 0
+        if diverged_at is None and reached < params.train.steps:  # aborted gracefully
+            raise KeyboardInterrupt(f"training interrupted; last checkpoint at step {reached}")
+        summary = {
+            "run_name": name,
+            "mlflow_run_id": run_id,
+            "dataset_hash": manifest["dataset_hash"],
+            "diverged": diverged_at is not None,
+            "diverged_at_step": int(diverged_at) if diverged_at is not None else None,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "steps": reached,  # of the last checkpoint (Ray's Result.metrics come from it)
+            "global_batch_size": params.global_batch_size,
+            "final_metrics": {
+                k: v
+                for k, v in (result.metrics or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            },
+        }
+        _write_outputs(Path(params.train.out_dir), result, summary)
+    except (KeyboardInterrupt, SystemExit):  # Ray exits from its handler if the abort races
+        client.set_terminated(run_id, status="KILLED")
+        raise KeyboardInterrupt("training interrupted") from None
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, sigint)
+            signal.signal(signal.SIGTERM, sigterm)
+    client.set_terminated(run_id, status="FAILED" if summary["diverged"] else "FINISHED")
+    return summary
+
+
+def _fit(params: Params, name: str, storage: str, worker_config: dict):
+    """Connect to (or start) Ray and run the TorchTrainer; Ray's Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     address = os.environ.get("RAY_ADDRESS") or params.ray.address
     if not ray.is_initialized():
         ray.init(address=address) if address else ray.init()
@@ -424,13 +481,7 @@ def train(params: Params, faults: dict | None = None) -> dict:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={
-            "params": _for_workers(params),
-            "identity": identity,
-            "tracking_uri": uri,
-            "mlflow_run_id": run_id,
-            "faults": faults,
-        },
+        train_loop_config=worker_config,
         scaling_config=ScalingConfig(
             num_workers=params.ray.num_workers,
             use_gpu=use_gpu,
@@ -444,40 +495,14 @@ def train(params: Params, faults: dict | None = None) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    # Ray's fit() turns SIGINT into a graceful abort of the run; SIGTERM is sent the same way.
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    try:
-        result = trainer.fit()
-    except (KeyboardInterrupt, SystemExit):  # Ray exits from its handler if the abort races
-        client.set_terminated(run_id, status="KILLED")
-        raise KeyboardInterrupt("training interrupted") from None
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    diverged_at = client.get_run(run_id).data.tags.get(DIVERGED_TAG)
-    reached = int(result.metrics.get("step", 0)) if result.metrics else 0
-    if diverged_at is None and reached < params.train.steps:  # aborted gracefully
-        client.set_terminated(run_id, status="KILLED")
-        raise KeyboardInterrupt(f"training interrupted; last checkpoint at step {reached}")
-    out = Path(params.train.out_dir)
+    return trainer.fit()
+
+
+def _write_outputs(out: Path, result, summary: dict) -> None:
+    """result.json, the final checkpoint, the history and the last sample grid."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    summary = {
-        "run_name": name,
-        "mlflow_run_id": run_id,
-        "dataset_hash": manifest["dataset_hash"],
-        "diverged": diverged_at is not None,
-        "diverged_at_step": int(diverged_at) if diverged_at is not None else None,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "steps": reached,
-        "global_batch_size": params.global_batch_size,
-        "final_metrics": {
-            k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))
-        },
-    }
     if result.checkpoint:
         with result.checkpoint.as_directory() as directory:
             shutil.copytree(directory, out / "final")
@@ -485,5 +510,3 @@ def train(params: Params, faults: dict | None = None) -> dict:
                 if (Path(directory) / name).is_file():
                     shutil.copy(Path(directory) / name, out / name)
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    client.set_terminated(run_id, status="FAILED" if summary["diverged"] else "FINISHED")
-    return summary

@@ -57,3 +57,12 @@ def test_ema_unwraps_a_ddp_like_wrapper():
 def test_decay_out_of_range_is_rejected():
     with pytest.raises(ValueError, match="decay"):
         GeneratorEMA(constant_net(0.0), decay=1.0)
+
+
+def test_unwrap_sees_through_ddp_and_compile_wrappers():
+    from gan.ema import unwrap
+
+    net = constant_net(1.0)
+    compiled = torch.compile(net)
+    assert unwrap(compiled) is net
+    assert unwrap(net) is net

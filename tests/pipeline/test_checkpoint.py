@@ -78,10 +78,9 @@ def test_round_trip_restores_weights_optimisers_rngs_and_position(tmp_path):
     train_a_little(modules, optimizers)
     torch.manual_seed(5)
     train_a_little(fresh_modules, fresh_optimizers)
-    for a, b in zip(
-        modules["generator"].parameters(), fresh_modules["generator"].parameters(), strict=True
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name in ("generator", "discriminator"):
+        for a, b in zip(modules[name].parameters(), fresh_modules[name].parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_files_are_safetensors_and_json_only(tmp_path):
@@ -102,8 +101,24 @@ def test_non_finite_weights_are_never_written(tmp_path):
         CheckpointError, match="refusing to checkpoint non-finite weights at step 7"
     ):
         save_checkpoint(tmp_path / "ckpt", modules, optimizers, STATE_0)
-    assert (tmp_path / "ckpt" / WEIGHTS).read_bytes() == before  # the last good one survives
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert (tmp_path / "ckpt" / WEIGHTS).read_bytes() == before
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import pipeline.checkpoint as checkpoint
+
+    modules, optimizers = make(0)
+    save_checkpoint(tmp_path / "ckpt", modules, optimizers, STATE_0)
+    before = (tmp_path / "ckpt" / WEIGHTS).read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path / "ckpt", modules, optimizers, STATE_0)
+    assert (tmp_path / "ckpt" / WEIGHTS).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left behind
 
 
 def test_pickles_and_strangers_are_refused(tmp_path):
