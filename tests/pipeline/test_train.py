@@ -91,18 +91,14 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
             torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0, msg=key)
     history = (tmp_path / "faulty" / "out" / "history.csv").read_text().splitlines()
     assert [row.split(",")[-1] for row in history[1:]] == ["4", "8", "12"]
-    run = MlflowClient(f"sqlite:///{tmp_path / 'faulty' / 'mlflow.db'}").get_run(b["mlflow_run_id"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'faulty' / 'mlflow.db'}")
+    run = client.get_run(b["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["ganpipe.dataset_hash"] == b["dataset_hash"]
     assert run.data.tags["ganpipe.num_nodes"] == "1"
     assert run.data.params["train.global_batch_size"] == "128"
     assert "loss_d" in run.data.metrics
-    artifacts = [
-        a.path
-        for a in MlflowClient(
-            run.info.artifact_uri and f"sqlite:///{tmp_path / 'faulty' / 'mlflow.db'}"
-        ).list_artifacts(run.info.run_id, "samples")
-    ]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     assert artifacts[-1] == "samples/step_0000012.png"
     assert (tmp_path / "faulty" / "out" / "samples.png").stat().st_size > 0
 
