@@ -1,12 +1,13 @@
 """Pure-PyTorch GAN library: models, losses, regularizers, DiffAugment, EMA, one training step,
-and the 2-D mode-coverage test bed. Imports torch only (never Ray, MLflow or `pipeline`)."""
+the 2-D mode-coverage test bed, and pickle-free generator export (`gan.export`). Imports torch
+(and safetensors for weights) only, never Ray, MLflow or `pipeline`."""
 
 from gan.augment import diff_augment
 from gan.ema import GeneratorEMA
 from gan.losses import LOSSES, get_loss
 from gan.models import FAMILIES, build_discriminator, build_generator
 from gan.regularizers import apply_spectral_norm, gradient_penalty, r1_penalty
-from gan.sampling import LatentSampler, fixed_latents, step_generator
+from gan.sampling import LatentSampler, fixed_latents, generate, step_generator
 from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "build_generator",
     "diff_augment",
     "fixed_latents",
+    "generate",
     "get_loss",
     "gradient_penalty",
     "r1_penalty",

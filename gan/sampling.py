@@ -61,3 +61,28 @@ def fixed_latents(
     if num_classes == 0:
         return z, None
     return z, (torch.arange(n) % num_classes).to(device)
+
+
+@torch.no_grad()
+def generate(
+    generator: torch.nn.Module,
+    n: int,
+    z_dim: int,
+    num_classes: int = 0,
+    seed: int = 0,
+    label: int | None = None,
+    batch_size: int = 256,
+) -> Tensor:
+    """`n` images in [-1, 1] (float32, CPU) from the same seed-fixed noise as `fixed_latents`;
+    conditional models get `label` for every image, or labels cycling through the classes."""
+    device = next(generator.parameters()).device
+    z, labels = fixed_latents(n, z_dim, num_classes, seed)
+    if num_classes and label is not None:
+        if not 0 <= label < num_classes:
+            raise ValueError(f"label {label} is outside the model's classes 0..{num_classes - 1}")
+        labels = torch.full((n,), label, dtype=torch.long)
+    chunks = []
+    for start in range(0, n, batch_size):
+        part = None if labels is None else labels[start : start + batch_size].to(device)
+        chunks.append(generator(z[start : start + batch_size].to(device), part).float().cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0)

@@ -16,13 +16,20 @@ from pathlib import Path
 
 import yaml
 
+from gan.export import ExportError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
+from pipeline.errors import EvaluationError, RegistryError
 from pipeline.shards import DataError
 from pipeline.sources import SourceError
 from pipeline.tracking import TrackingError
 from pipeline.train import ResumeMismatchError
 
+# Errors that mean "the input is wrong" (data, files, URIs, servers), reported in one line.
+BAD_INPUT = (
+    SourceError, DataError, TrackingError, ResumeMismatchError, CheckpointError, ExportError,
+    EvaluationError, RegistryError,
+)  # fmt: skip
 EXIT_BAD_INPUT = 1
 EXIT_BAD_PARAMS = 2
 EXIT_INTERRUPTED = 130
@@ -85,6 +92,52 @@ def cmd_train(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_featurenet(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.featurenet import train_featurenet
+
+    report = train_featurenet(params)
+    print(
+        f"featurenet: test accuracy {report['test_accuracy']:.4f} "
+        f"(minimum {params.featurenet.min_accuracy}); {params.featurenet.out_dir}"
+    )
+    return 0
+
+
+def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+
+    report = evaluate(params)
+    metric = params.register.metric
+    for name, scores in report["candidates"].items():
+        value = scores.get(metric)
+        shown = f"{value:.4f}" if isinstance(value, float) else "n/a"
+        print(f"evaluate {name}: {metric} {shown}")
+    print(f"evaluate: {params.evaluate.metrics_file}")
+    return 0
+
+
+def cmd_register(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.registry import register
+
+    summary = register(params)
+    print(
+        f"register {summary['model_name']} version {summary['version']} "
+        f"({', '.join(summary['aliases'])}): {summary['message']}"
+    )
+    return 0
+
+
+def cmd_sample(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.serving import sample_grid
+
+    uri = args.model or f"models:/{params.register.model_name}@{params.register.alias}"
+    path = sample_grid(
+        uri, args.out, args.num, args.seed, label=args.label, params=params, nrow=args.nrow
+    )
+    print(f"sample: {args.num} images from {uri} (seed {args.seed}) -> {path}")
+    return 0
+
+
 def _add_toy_options(parser: argparse.ArgumentParser) -> None:
     """One flag per ToyGANConfig field, with its default."""
     from gan.losses import LOSSES
@@ -133,6 +186,33 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "train", parents=[params], help="train G and D with Ray Train DDP (DVC stage)"
     )
+    commands.add_parser(
+        "featurenet",
+        parents=[params],
+        help="train the domain classifier that scores generators offline (DVC stage)",
+    )
+    commands.add_parser(
+        "evaluate",
+        parents=[params],
+        help="FID/IS/KID/precision-recall of every trained candidate (DVC stage)",
+    )
+    commands.add_parser(
+        "register",
+        parents=[params],
+        help="register the best candidate in the MLflow Model Registry (DVC stage)",
+    )
+    sample = commands.add_parser(
+        "sample", parents=[params], help="write a PNG grid of samples from a registered model"
+    )
+    sample.add_argument(
+        "--model",
+        help="model URI (default: models:/<register.model_name>@<register.alias>)",
+    )
+    sample.add_argument("--num", type=int, default=64, help="images (default: %(default)s)")
+    sample.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    sample.add_argument("--label", type=int, help="class of every image (conditional models)")
+    sample.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    sample.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write")
     toy = commands.add_parser(
         "toy", help="train a small GAN on a 2-D Gaussian mixture and report mode coverage"
     )
@@ -149,10 +229,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"ganpipe: {exc}", file=sys.stderr)
         return EXIT_BAD_PARAMS
-    stage = {"validate": cmd_validate, "prepare": cmd_prepare, "train": cmd_train}[args.command]
+    stage = {
+        "validate": cmd_validate,
+        "prepare": cmd_prepare,
+        "featurenet": cmd_featurenet,
+        "train": cmd_train,
+        "evaluate": cmd_evaluate,
+        "register": cmd_register,
+        "sample": cmd_sample,
+    }[args.command]
     try:
         return stage(params, args)
-    except (SourceError, DataError, TrackingError, ResumeMismatchError, CheckpointError) as exc:
+    except BAD_INPUT as exc:
         print(f"ganpipe {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -231,17 +231,53 @@ class SweepParams(Section):
         return space
 
 
+class FeaturenetParams(Section):
+    """The domain classifier whose features and logits score generators offline (`featurenet`)."""
+
+    epochs: Int = Field(15, ge=1, le=1000)
+    batch_size: Int = Field(128, ge=1)
+    lr: Float = Field(2e-3, gt=0, le=1, description="Adam learning rate (cosine-decayed)")
+    width: Int = Field(32, ge=4, le=1024, description="channels of the first conv block")
+    feature_dim: Int = Field(128, ge=2, le=4096, description="penultimate features (FID/KID)")
+    min_accuracy: Float = Field(
+        0.95, ge=0, le=1, description="the stage fails below this held-out accuracy"
+    )
+    seed: Int = Field(0, ge=0)
+    out_dir: str = Field("models/featurenet", description="weights and their description")
+    metrics_file: str = Field("metrics/featurenet.json")
+
+
+# Metrics a candidate can be ranked by, and which way is better. `_domain` metrics use the
+# featurenet, `_inception` ones torch-fidelity's Inception-v3: the two are never compared.
+RANKING_METRICS = {
+    **{f"{m}_{x}": "min" for m in ("fid", "kid") for x in ("domain", "inception")},
+    **{f"{m}_{x}": "max" for m in ("is", "precision", "recall") for x in ("domain", "inception")},
+    "class_coverage_domain": "max",
+    "cas_accuracy": "max",
+}
+RankingMetric = Literal[tuple(RANKING_METRICS)]
+
+
 class EvaluateParams(Section):
     """FID / IS / KID / precision-recall protocol (the `evaluate` stage)."""
 
     num_samples: Int = Field(2000, ge=2, description="generated samples per candidate")
     split: Literal["train", "test"] = Field("train", description="real split to compare with")
     inception: Bool = Field(False, description="also compute Inception-v3 metrics (GPU)")
-    inception_weights: str | None = Field(None, description="local Inception weights file")
+    inception_weights: str | None = Field(
+        None, description="local Inception weights (.pth state dict) for air-gapped clusters"
+    )
     kid_subset_size: Int = Field(1000, ge=2, description="KID subset size, <= num_samples")
+    kid_subsets: Int = Field(100, ge=1, description="KID subsets averaged")
+    prc_neighborhood: Int = Field(3, ge=1, description="k of the k-NN precision/recall balls")
     batch_size: Int = Field(256, ge=1)
     generator: Literal["ema", "raw"] = Field("ema", description="which generator is scored")
     seed: Int = Field(0, ge=0)
+    cache_dir: str = Field(
+        ".cache/fidelity", description="real-data features, reused across candidates and runs"
+    )
+    out_dir: str = Field("models/evaluate", description="per-candidate sample grids")
+    metrics_file: str = Field("metrics/evaluate.json")
 
     @model_validator(mode="after")
     def _kid_subset_fits(self) -> EvaluateParams:
@@ -257,8 +293,22 @@ class RegisterParams(Section):
     """Which candidate becomes the registered model (the `register` stage)."""
 
     model_name: str = Field("ganpipe-generator", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-    alias: str = Field("champion", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$")
-    metric: str = Field("fid_domain", description="lower is better")
+    alias: str = Field(
+        "champion", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="the best version so far"
+    )
+    challenger_alias: str = Field(
+        "challenger", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="the newest version"
+    )
+    metric: RankingMetric = Field("fid_domain", description="primary metric; see RANKING_METRICS")
+    out_file: str = Field("models/register/registered.json")
+
+    @model_validator(mode="after")
+    def _two_aliases(self) -> RegisterParams:
+        if self.alias == self.challenger_alias:
+            raise _inconsistent(
+                f"register.challenger_alias must differ from register.alias ({self.alias!r})"
+            )
+        return self
 
 
 class RayParams(Section):
@@ -291,6 +341,7 @@ class Params(Section):
     model: ModelParams = Field(default_factory=ModelParams)
     train: TrainParams = Field(default_factory=TrainParams)
     sweep: SweepParams = Field(default_factory=SweepParams)
+    featurenet: FeaturenetParams = Field(default_factory=FeaturenetParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     register: RegisterParams = Field(default_factory=RegisterParams)
     ray: RayParams = Field(default_factory=RayParams)
@@ -336,6 +387,17 @@ class Params(Section):
             raise _inconsistent(
                 f"sweep.scheduler 'pbt' needs ray.num_workers: 1 (Ray's PBT cannot exploit "
                 f"multi-worker Train runs), got {self.ray.num_workers}; use scheduler: asha"
+            )
+        metric = self.register.metric
+        if metric.endswith("_inception") and not self.evaluate.inception:
+            raise _inconsistent(
+                f"register.metric {metric!r} needs evaluate.inception: true; "
+                "set it (and evaluate.inception_weights offline) or rank by a _domain metric"
+            )
+        if metric == "cas_accuracy" and not model.conditional:
+            raise _inconsistent(
+                "register.metric 'cas_accuracy' needs model.conditional: true (the classifier "
+                "trained on generated images learns from their class labels)"
             )
         if self.sweep.space:
             self._check_sweep()

@@ -30,9 +30,10 @@ from pathlib import Path
 import torch
 
 from gan.ema import GeneratorEMA
-from gan.models import build_discriminator, build_generator
+from gan.models import build_discriminator
 from gan.sampling import LatentSampler, fixed_latents, step_generator
 from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
+from pipeline.candidates import RESULT, generator_spec
 from pipeline.checkpoint import STATE, TrainingState, load_checkpoint, save_checkpoint
 from pipeline.config import Params, flatten
 from pipeline.data import PreparedSplit, RankLoader, check_labels_for_model
@@ -42,6 +43,7 @@ from pipeline.shards import verify_prepared
 # not what is trained. Everything else in model/train (and the dataset) names the run.
 RESUMABLE_KEYS = {"steps", "log_every", "checkpoint_every", "debug_checks", "out_dir"}
 HISTORY = "history.csv"
+FINAL = "final"  # the last checkpoint, in <train.out_dir>
 DIVERGED_TAG = "ganpipe.diverged_at_step"
 DIVERGED_REASON_TAG = "ganpipe.diverged_reason"
 
@@ -85,10 +87,7 @@ def build_models(params: Params, shape: tuple[int, int, int], num_classes: int):
     """Generator and discriminator for the prepared image shape."""
     m = params.model
     height, _, channels = shape
-    g = build_generator(
-        m.family, channels=channels, resolution=height, z_dim=m.z_dim, width=m.g_width,
-        num_classes=num_classes, mlp_depth=m.mlp_depth, spectral_norm=m.spectral_norm_g,
-    )  # fmt: skip
+    g = generator_spec(m.model_dump(mode="json"), shape, num_classes).build()
     d = build_discriminator(
         m.family, channels=channels, resolution=height, width=m.d_width, num_classes=num_classes,
         mlp_depth=m.mlp_depth, norm=m.d_norm, spectral_norm=m.spectral_norm_d,
@@ -446,6 +445,17 @@ def train(params: Params, faults: dict | None = None) -> dict:
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "steps": reached,  # of the last checkpoint (Ray's Result.metrics come from it)
             "global_batch_size": params.global_batch_size,
+            "candidates": [
+                {
+                    "name": name,
+                    "checkpoint": FINAL,
+                    "mlflow_run_id": run_id,
+                    "diverged": diverged_at is not None,
+                    "steps": reached,
+                }
+            ]
+            if result.checkpoint
+            else [],
             "final_metrics": {
                 k: v
                 for k, v in (result.metrics or {}).items()
@@ -505,8 +515,8 @@ def _write_outputs(out: Path, result, summary: dict) -> None:
     out.mkdir(parents=True)
     if result.checkpoint:
         with result.checkpoint.as_directory() as directory:
-            shutil.copytree(directory, out / "final")
+            shutil.copytree(directory, out / FINAL)
             for name in (HISTORY, SAMPLES):
                 if (Path(directory) / name).is_file():
                     shutil.copy(Path(directory) / name, out / name)
-    (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / RESULT).write_text(json.dumps(summary, indent=2) + "\n")

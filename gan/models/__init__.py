@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 from torch import nn
 
 from gan.models.dcgan import D_NORMS, DCGANDiscriminator, DCGANGenerator
@@ -15,6 +17,7 @@ FAMILIES = ("mlp", "dcgan", "resnet")
 __all__ = [
     "D_NORMS",
     "FAMILIES",
+    "GeneratorSpec",
     "ConditionalBatchNorm2d",
     "DCGANDiscriminator",
     "DCGANGenerator",
@@ -74,3 +77,28 @@ def build_discriminator(
     else:
         d = ResNetDiscriminator(channels, resolution, width, num_classes)
     return apply_spectral_norm(d) if spectral_norm else d
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Everything needed to rebuild a generator from its weights alone (saved as JSON beside
+    them in checkpoints, evaluation results and registered models)."""
+
+    family: str
+    channels: int
+    resolution: int
+    z_dim: int
+    width: int
+    num_classes: int = 0
+    mlp_depth: int = 3
+    spectral_norm: bool = False
+
+    def build(self) -> nn.Module:
+        return build_generator(
+            self.family, channels=self.channels, resolution=self.resolution, z_dim=self.z_dim,
+            width=self.width, num_classes=self.num_classes, mlp_depth=self.mlp_depth,
+            spectral_norm=self.spectral_norm,
+        )  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self)
