@@ -69,8 +69,9 @@ def list_candidates(train_out: str | Path) -> list[Candidate]:
 
 def generator_from_checkpoint(
     checkpoint: str | Path, manifest: dict, which: str = "ema"
-) -> tuple[torch.nn.Module, GeneratorSpec]:
-    """The EMA (or raw) generator of a train checkpoint, in eval mode on the CPU.
+) -> tuple[torch.nn.Module, GeneratorSpec, dict]:
+    """The EMA (or raw) generator of a train checkpoint (eval mode, CPU), its spec, and the
+    run's identity (model and train params, dataset version) the checkpoint was saved with.
 
     The checkpoint must come from the prepared data described by `manifest`: a generator is
     only comparable with the real images it was trained on."""
@@ -87,4 +88,4 @@ def generator_from_checkpoint(
     generator.load_state_dict(
         {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     )
-    return generator.eval(), spec
+    return generator.eval(), spec, meta["params"]

@@ -26,6 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.files import replace_dir
+
 FORMAT = "ganpipe.images.v1"
 MANIFEST = "manifest.json"
 IMAGE, LABEL = "image", "label"
@@ -116,17 +118,6 @@ def _clean_stale(out_dir: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` where `target` is, keeping `target` until `new` is in place."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def write_prepared(
     items: Iterable[tuple[str, np.ndarray, int]],
     out_dir: Path,
@@ -160,7 +151,7 @@ def write_prepared(
         if finish is not None:
             finish(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,0 +1,317 @@
+"""The `evaluate` stage: FID / IS / KID / precision-recall of every candidate the train stage
+produced, with torch-fidelity, under a recorded protocol.
+
+Per candidate (its EMA generator by default), `evaluate.num_samples` images from seed-fixed
+noise are scored against the real `evaluate.split` with the featurenet (`*_domain` metrics,
+always) and with Inception-v3 (`*_inception`, when `evaluate.inception` is on and its weights
+are available; otherwise skipped with the reason recorded). Also per candidate: the share of
+classes its samples cover (featurenet predictions; a mode-collapse figure), and for
+conditional generators FID per class, how often samples show their conditioning class, and the
+Classification Accuracy Score (Ravuri & Vinyals 2019): the featurenet recipe trained on
+generated images only, tested on the real test split, next to the same recipe on real data.
+
+Sanity figures frame the numbers: the FID floor (the real test split against the real train
+split), the FID ceiling (an untrained generator of the same architecture) and the IS of the
+real test split.
+
+Outputs: `evaluate.metrics_file` (DVC metrics), and in `evaluate.out_dir` a sample grid per
+candidate (DVC plots) and the exported generator the register stage packages; all written
+only once everything was computed. Metrics, protocol and grids also go to each candidate's
+MLflow run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+
+from gan.export import save_generator, sha256_file
+from gan.sampling import generate, mix_seed
+from pipeline.candidates import Candidate, generator_from_checkpoint, list_candidates
+from pipeline.config import Params
+from pipeline.data import PreparedSplit
+from pipeline.errors import EvaluationError
+from pipeline.featurenet import fit_classifier, load_featurenet, predict
+from pipeline.fidelity import (
+    FEATURENET,
+    INCEPTION,
+    compute,
+    generated_images,
+    inception_weights,
+    quantize,
+    real_images,
+)
+from pipeline.files import replace_dir, staging_dir, write_json
+from pipeline.shards import verify_prepared
+from pipeline.tracking import check_reachable, tracking_uri
+
+log = logging.getLogger(__name__)
+
+ALL_METRICS = ("fid", "isc", "kid", "prc")
+SAMPLES, GENERATORS = "samples", "generators"
+GRID_IMAGES = 64
+# A class counts as covered when it gets at least this share of the samples it would get if
+# the generator matched the real class frequencies.
+COVERAGE_SHARE = 0.5
+
+
+class Scorer:
+    """Scores image sets against the real split with each available feature extractor."""
+
+    def __init__(self, params: Params, extractors: dict, dataset_hash: str):
+        self.config, self.extractors = params.evaluate, extractors
+        self.dataset_hash = dataset_hash
+
+    def score(
+        self, generated: torch.Tensor, real, real_name: str, metrics=ALL_METRICS, only=None
+    ) -> dict[str, float]:
+        """Metrics of `generated` (float, [-1, 1]) against `real`, suffixed by extractor;
+        `real_name` names the real set in the feature cache."""
+        c, scores = self.config, {}
+        for key, extractor in self.extractors.items():
+            if only and key not in only:
+                continue
+            cache = f"{self.dataset_hash[:16]}-{real_name}-{extractor['sha256'][:16]}"
+            values = compute(
+                generated_images(generated), real, extractor=extractor["name"],
+                weights=extractor["weights"], metrics=metrics, real_cache_name=cache,
+                cache_dir=c.cache_dir, seed=c.seed, batch_size=c.batch_size,
+                kid_subset_size=c.kid_subset_size, kid_subsets=c.kid_subsets,
+                prc_neighborhood=c.prc_neighborhood,
+            )  # fmt: skip
+            scores |= {f"{k}_{key}": v for k, v in values.items()}
+        return scores
+
+
+def evaluate(params: Params) -> dict:
+    """Score every candidate; write the metrics file, grids and exported generators."""
+    c = params.evaluate
+    manifest = verify_prepared(params.prepare.out_dir, ["train", "test"])
+    uri = tracking_uri(params)
+    check_reachable(uri)
+    net, net_info = load_featurenet(params.featurenet.out_dir)
+    if net_info["dataset_hash"] != manifest["dataset_hash"]:
+        raise EvaluationError(
+            f"the featurenet in {params.featurenet.out_dir} was trained on dataset "
+            f"{net_info['dataset_hash'][:12]}, the prepared data is "
+            f"{manifest['dataset_hash'][:12]}; re-run the featurenet stage (dvc repro)"
+        )
+    candidates = list_candidates(params.train.out_dir)
+    real_split = PreparedSplit(params.prepare.out_dir, c.split, verify=False)
+    real_pixels, real_labels = real_split.read()
+    test_pixels, test_labels = PreparedSplit(params.prepare.out_dir, "test", verify=False).read()
+    if c.kid_subset_size > len(real_pixels):
+        raise EvaluationError(
+            f"evaluate.kid_subset_size ({c.kid_subset_size}) exceeds the {len(real_pixels)} "
+            f"images of the real {c.split} split; lower it to at most {len(real_pixels)}"
+        )
+    extractors, inception = _extractors(params, net_info)
+    protocol = _protocol(params, manifest, extractors, len(real_pixels), len(test_pixels))
+    scorer = Scorer(params, extractors, manifest["dataset_hash"])
+    real = real_images(real_pixels)
+
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    train = real if c.split == "train" else real_images(PreparedSplit(
+        params.prepare.out_dir, "train", verify=False).read()[0])  # fmt: skip
+    floor = scorer.score(_as_float(test_pixels), train, "train", ("fid", "isc"))
+    timings["floor_s"] = _since(tick)
+    untrained, spec = _untrained_generator(candidates[0], manifest, c.seed)
+    tick = time.perf_counter()
+    ceiling = scorer.score(_samples(untrained, spec, c.num_samples, c), real, c.split, ("fid",))
+    timings["ceiling_s"] = _since(tick)
+    sanity = {f"fid_floor_{k[4:]}": v for k, v in floor.items() if k.startswith("fid_")}
+    sanity |= {f"fid_ceiling_{k[4:]}": v for k, v in ceiling.items()}
+    sanity |= {f"is_real_{k[3:]}": v for k, v in floor.items() if k.startswith("is_")}
+
+    staging = staging_dir(c.out_dir)
+    try:
+        results, device = {}, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        for candidate in candidates:
+            tick = time.perf_counter()
+            generator, spec, run_params = generator_from_checkpoint(
+                candidate.checkpoint, manifest, c.generator
+            )
+            fake = _samples(generator, spec, c.num_samples, c)
+            scores = scorer.score(fake, real, c.split)
+            scores |= _class_figures(net, fake, spec.num_classes, real_labels, c)
+            if spec.num_classes:
+                scores |= _per_class_fid(scorer, generator, spec, real_pixels, real_labels, c)
+                scores |= _cas(fake, spec.num_classes, test_pixels, test_labels, params, device)
+            timings[f"candidate_s.{candidate.name}"] = _since(tick)
+            results[candidate.name] = {
+                "diverged": candidate.diverged,
+                "steps": candidate.steps,
+                "mlflow_run_id": candidate.mlflow_run_id,
+                **scores,
+            }
+            _export(staging, candidate, generator, spec, run_params, manifest, c)
+        report = {
+            "protocol": protocol,
+            "sanity": sanity,
+            "candidates": results,
+            "inception": inception,
+            "featurenet": {"test_accuracy": net_info["test_accuracy"]},
+            "timings": timings,
+        }
+        replace_dir(staging, Path(c.out_dir))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    write_json(c.metrics_file, report)
+    _log_to_runs(uri, report, Path(c.out_dir))
+    return report
+
+
+def _extractors(params: Params, net_info: dict) -> tuple[dict, dict]:
+    """The feature extractors to score with, and whether Inception is on (or why not)."""
+    extractors = {
+        "domain": {
+            "name": FEATURENET,
+            "weights": str(Path(params.featurenet.out_dir).resolve()),
+            "sha256": net_info["weights_sha256"],
+        }
+    }
+    if not params.evaluate.inception:
+        return extractors, {"status": "off", "reason": "evaluate.inception is false"}
+    path, reason = inception_weights(params.evaluate.inception_weights)
+    if path is None:
+        return extractors, {"status": "skipped", "reason": reason}
+    extractors["inception"] = {"name": INCEPTION, "weights": path, "sha256": sha256_file(path)}
+    return extractors, {"status": "computed", "weights": path}
+
+
+def _protocol(params: Params, manifest: dict, extractors: dict, real: int, test: int) -> dict:
+    """Everything that makes two candidates' numbers comparable; its hash is the protocol id."""
+    c = params.evaluate
+    protocol = {
+        "feature_extractors": {
+            k: {"name": v["name"], "sha256": v["sha256"]} for k, v in extractors.items()
+        },
+        "dataset_hash": manifest["dataset_hash"],
+        "split": c.split,
+        "num_samples": c.num_samples,
+        "real_samples": real,
+        "floor_samples": test,
+        "generator": c.generator,
+        "seed": c.seed,
+        "kid_subset_size": c.kid_subset_size,
+        "kid_subsets": c.kid_subsets,
+        "prc_neighborhood": c.prc_neighborhood,
+        "coverage_share": COVERAGE_SHARE,
+        "torch_fidelity": torch_fidelity.__version__,
+    }
+    canonical = json.dumps(protocol, sort_keys=True).encode()
+    return {"id": hashlib.sha256(canonical).hexdigest(), **protocol}
+
+
+def _as_float(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1] (exactly invertible by `quantize`)."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _samples(generator, spec, n: int, config, label: int | None = None, seed=None):
+    return generate(
+        generator, n, spec.z_dim, spec.num_classes, config.seed if seed is None else seed,
+        label=label, batch_size=config.batch_size,
+    )  # fmt: skip
+
+
+def _untrained_generator(candidate: Candidate, manifest: dict, seed: int):
+    """A freshly initialised generator of the candidate's architecture (the ceiling)."""
+    _, spec, _ = generator_from_checkpoint(candidate.checkpoint, manifest)
+    torch.manual_seed(seed)
+    return spec.build().eval(), spec
+
+
+def _class_figures(net, fake: torch.Tensor, num_classes: int, real_labels, config) -> dict:
+    """Class coverage of the samples (featurenet predictions vs the real class frequencies);
+    for conditional generators also how often a sample shows its conditioning class."""
+    predicted = predict(net, _nhwc(fake))
+    classes = net.classifier.out_features
+    expected = np.bincount(real_labels, minlength=classes) / len(real_labels)
+    got = np.bincount(predicted, minlength=classes) / len(predicted)
+    figures = {"class_coverage_domain": float((got >= COVERAGE_SHARE * expected).mean())}
+    if num_classes:
+        conditioned = np.arange(len(fake)) % num_classes  # gan.sampling cycles the labels
+        figures["label_accuracy_domain"] = float((predicted == conditioned).mean())
+    return figures
+
+
+def _per_class_fid(scorer, generator, spec, real_pixels, real_labels, config) -> dict:
+    """FID of each class's conditioned samples against that class's real images (featurenet)."""
+    per_class, n = {}, max(config.num_samples // spec.num_classes, 2)
+    for label in range(spec.num_classes):
+        real = real_pixels[real_labels == label]
+        if len(real) < 2:
+            continue
+        fake = _samples(generator, spec, n, config, label, seed=mix_seed(config.seed, label))
+        values = scorer.score(
+            fake, real_images(real), f"{config.split}-class{label}", ("fid",), only=("domain",)
+        )
+        per_class[f"fid_class{label}_domain"] = values["fid_domain"]
+    return {"fid_class_mean_domain": float(np.mean(list(per_class.values()))), **per_class}
+
+
+def _cas(fake, num_classes, test_pixels, test_labels, params: Params, device) -> dict:
+    """Classification Accuracy Score: the featurenet recipe fitted on generated images only."""
+    labels = np.arange(len(fake)) % num_classes
+    net = fit_classifier(_nhwc(fake), labels, num_classes, params.featurenet, device)
+    return {"cas_accuracy": float((predict(net, test_pixels) == test_labels).mean())}
+
+
+def _nhwc(fake: torch.Tensor) -> np.ndarray:
+    return quantize(fake).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _export(staging: Path, candidate, generator, spec, run_params, manifest, config) -> None:
+    """The candidate's sample grid and its generator, as the register stage packages it."""
+    from torchvision.utils import save_image
+
+    grid = _samples(generator, spec, GRID_IMAGES, config)
+    (staging / SAMPLES).mkdir(exist_ok=True)
+    save_image(grid.add(1).div(2), staging / SAMPLES / f"{candidate.name}.png", nrow=8)
+    save_generator(
+        staging / GENERATORS / candidate.name, generator, spec, candidate=candidate.name,
+        mlflow_run_id=candidate.mlflow_run_id, dataset_hash=manifest["dataset_hash"],
+        class_names=manifest.get("class_names", []), which=config.generator,
+        steps=candidate.steps, params=run_params,
+    )  # fmt: skip
+
+
+def _log_to_runs(uri: str, report: dict, out_dir: Path) -> None:
+    """Each candidate's metrics, the protocol and its grid, into its MLflow training run."""
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client, now = MlflowClient(uri), int(time.time() * 1000)
+    for name, result in report["candidates"].items():
+        run_id = result["mlflow_run_id"]
+        if not run_id:
+            continue
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log.warning("MLflow run %s of %s is not in %s: not logged", run_id, name, uri)
+            continue
+        values = {k: v for k, v in result.items() if isinstance(v, float)}
+        values |= {f"sanity.{k}": v for k, v in report["sanity"].items()}
+        client.log_batch(
+            run_id,
+            metrics=[Metric(f"eval.{k}", v, now, result["steps"]) for k, v in values.items()],
+        )
+        client.set_tag(run_id, "ganpipe.eval.protocol_id", report["protocol"]["id"])
+        client.set_tag(run_id, "ganpipe.eval.protocol", json.dumps(report["protocol"])[:5000])
+        client.log_artifact(run_id, str(out_dir / SAMPLES / f"{name}.png"), "evaluate")
+
+
+def _since(tick: float) -> float:
+    return round(time.perf_counter() - tick, 3)

@@ -1,0 +1,199 @@
+"""The evaluate stage on real digits, a real featurenet and real train checkpoints.
+
+Candidates here are checkpoints written by pipeline.checkpoint from freshly initialised
+models (the train stage's format, without minutes of Ray training); the end-to-end test in
+test_pipeline.py scores a trained generator.
+"""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from gan.export import load_generator
+from gan.sampling import generate
+from pipeline.candidates import RESULT, generator_from_checkpoint
+from pipeline.checkpoint import TrainingState, save_checkpoint
+from pipeline.cli import main
+from pipeline.config import validate_params
+from pipeline.data import PreparedSplit
+from pipeline.errors import EvaluationError
+from pipeline.evaluate import evaluate
+from pipeline.featurenet import train_featurenet
+from pipeline.prepare import prepare
+from pipeline.shards import read_manifest
+from pipeline.train import build_models, run_identity
+from tests.conftest import tree_digest
+
+
+def eval_params(root, model=None, evaluate=None, prepare_=None, featurenet=None):
+    return validate_params(
+        {
+            "prepare": {"out_dir": str(root / "prepared"), "resolution": 8, **(prepare_ or {})},
+            "model": {"g_width": 8, "d_width": 8, "z_dim": 8, **(model or {})},
+            "train": {"out_dir": str(root / "train")},
+            "featurenet": {
+                "epochs": 8,
+                "out_dir": str(root / "featurenet"),
+                "metrics_file": str(root / "metrics" / "featurenet.json"),
+                **(featurenet or {}),
+            },
+            "evaluate": {
+                "num_samples": 500,
+                "kid_subset_size": 200,
+                "kid_subsets": 20,
+                "cache_dir": str(root / "cache"),
+                "out_dir": str(root / "evaluate"),
+                "metrics_file": str(root / "metrics" / "evaluate.json"),
+                **(evaluate or {}),
+            },
+            "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+        }
+    )
+
+
+def save_candidates(params, runs):
+    """Write train-stage checkpoints and result.json for `runs`: (name, model params, seed)."""
+    data = PreparedSplit(params.prepare.out_dir, "train")
+    client = MlflowClient(params.tracking.uri)
+    experiment = client.get_experiment_by_name("ganpipe") or client.get_experiment(
+        client.create_experiment("ganpipe")
+    )
+    listed = []
+    for name, model, seed in runs:
+        run_params = params.model_copy(update={"model": params.model.model_copy(update=model)})
+        classes = len(data.class_names) if run_params.model.conditional else 0
+        torch.manual_seed(seed)
+        g, d = build_models(run_params, data.shape, classes)
+        identity = run_identity(run_params, data.dataset_hash)
+        save_checkpoint(
+            Path(params.train.out_dir) / name,
+            {"generator": g, "generator_ema": copy.deepcopy(g), "discriminator": d},
+            {
+                "opt_g": torch.optim.Adam(g.parameters()),
+                "opt_d": torch.optim.Adam(d.parameters()),
+            },
+            TrainingState(7, 0, 0, identity, data.dataset_hash),
+        )
+        run = client.create_run(experiment.experiment_id, run_name=name)
+        listed.append(
+            {"name": name, "checkpoint": name, "mlflow_run_id": run.info.run_id, "steps": 7}
+        )
+    (Path(params.train.out_dir) / RESULT).write_text(json.dumps({"candidates": listed}))
+    return client
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Digits, a featurenet, an unconditional and a conditional candidate, one evaluation."""
+    root = tmp_path_factory.mktemp("evaluate")
+    params = eval_params(root)
+    prepare(params)
+    train_featurenet(params)
+    client = save_candidates(
+        params, [("plain", {}, 1), ("cond", {"conditional": True, "family": "mlp"}, 2)]
+    )
+    report = evaluate(params)
+    return root, params, report, client
+
+
+def test_every_candidate_gets_every_metric_under_a_recorded_protocol(scored):
+    root, params, report, _ = scored
+    written = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert written == json.loads(json.dumps(report))
+    protocol = report["protocol"]
+    assert protocol["feature_extractors"]["domain"]["name"] == "ganpipe-featurenet"
+    assert protocol["num_samples"] == 500 and protocol["split"] == "train"
+    assert protocol["torch_fidelity"] == "0.4.0" and len(protocol["id"]) == 64
+    assert protocol["dataset_hash"] == read_manifest(root / "prepared")["dataset_hash"]
+    assert report["inception"]["status"] == "off"
+    for name in ("plain", "cond"):
+        scores = report["candidates"][name]
+        for metric in ("fid", "is", "kid", "precision", "recall", "class_coverage"):
+            assert isinstance(scores[f"{metric}_domain"], float), metric
+        assert not any(k.endswith("_inception") for k in scores)
+    assert 0 < report["sanity"]["fid_floor_domain"] < report["sanity"]["fid_ceiling_domain"]
+
+
+def test_conditional_candidates_get_per_class_fid_label_accuracy_and_cas(scored):
+    _, _, report, _ = scored
+    cond, plain = report["candidates"]["cond"], report["candidates"]["plain"]
+    per_class = [v for k, v in cond.items() if k.startswith("fid_class") and k[9].isdigit()]
+    assert len(per_class) == 10 and all(v > 0 for v in per_class)
+    assert cond["fid_class_mean_domain"] == pytest.approx(sum(per_class) / 10)
+    assert 0 <= cond["label_accuracy_domain"] <= 1
+    # An untrained generator's images teach nothing about digits: CAS near chance (0.1),
+    # far below the same recipe trained on real digits.
+    assert cond["cas_accuracy"] < 0.5 < report["featurenet"]["test_accuracy"]
+    assert "cas_accuracy" not in plain and "label_accuracy_domain" not in plain
+
+
+def test_grids_and_exported_generators_reproduce_the_checkpoint(scored):
+    root, params, _, _ = scored
+    manifest = read_manifest(root / "prepared")
+    for name in ("plain", "cond"):
+        with Image.open(root / "evaluate" / "samples" / f"{name}.png") as grid:
+            assert grid.size == (8 * 8 + 9 * 2, 8 * 8 + 9 * 2)  # 8x8 images, 2-pixel padding
+        exported, spec, info = load_generator(root / "evaluate" / "generators" / name)
+        original, original_spec, _ = generator_from_checkpoint(root / "train" / name, manifest)
+        assert spec == original_spec and info["candidate"] == name
+        assert info["params"]["dataset"] == manifest["dataset_hash"]
+        a = generate(exported, 4, spec.z_dim, spec.num_classes, seed=3)
+        b = generate(original, 4, spec.z_dim, spec.num_classes, seed=3)
+        assert torch.equal(a, b)
+
+
+def test_metrics_and_grid_are_logged_to_each_candidates_mlflow_run(scored):
+    _, _, report, client = scored
+    for name, scores in report["candidates"].items():
+        run = client.get_run(scores["mlflow_run_id"])
+        assert run.data.metrics["eval.fid_domain"] == pytest.approx(scores["fid_domain"])
+        assert "eval.sanity.fid_floor_domain" in run.data.metrics
+        assert run.data.tags["ganpipe.eval.protocol_id"] == report["protocol"]["id"]
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "evaluate")]
+        assert artifacts == [f"evaluate/{name}.png"]
+
+
+def test_real_features_are_cached_once_per_dataset_extractor_and_split(scored):
+    root, params, report, _ = scored
+    dataset = report["protocol"]["dataset_hash"][:16]
+    cached = sorted(p.name for p in (root / "cache").iterdir())
+    assert any(n.startswith(f"{dataset}-train-") and "features-features" in n for n in cached)
+    before = {p.name: p.stat().st_mtime_ns for p in (root / "cache").iterdir()}
+    again = evaluate(params)
+    after = {p.name: p.stat().st_mtime_ns for p in (root / "cache").iterdir()}
+    assert after == before, "a second evaluation recomputed cached real features"
+    assert again["candidates"]["plain"]["fid_domain"] == report["candidates"]["plain"]["fid_domain"]
+
+
+def test_bad_inputs_fail_clearly_and_leave_outputs_untouched(scored, capsys):
+    root, params, _, _ = scored
+    outputs = tree_digest(root / "evaluate"), (root / "metrics" / "evaluate.json").read_bytes()
+    too_big = eval_params(root, evaluate={"kid_subset_size": 500})
+    with pytest.raises(EvaluationError, match="kid_subset_size \\(500\\) exceeds the 359 images"):
+        evaluate(too_big.model_copy(update={"evaluate": too_big.evaluate.model_copy(
+            update={"split": "test"})}))  # fmt: skip
+    wrong = eval_params(root, evaluate={"inception": True, "inception_weights": "/no/such.pth"})
+    with pytest.raises(EvaluationError, match="/no/such.pth does not exist"):
+        evaluate(wrong)
+    other_data = eval_params(root, featurenet={"out_dir": str(root / "fn-other")})
+    (root / "fn-other").mkdir()
+    for f in ("featurenet.json", "featurenet.safetensors"):
+        (root / "fn-other" / f).write_bytes((root / "featurenet" / f).read_bytes())
+    info = json.loads((root / "fn-other" / "featurenet.json").read_text())
+    (root / "fn-other" / "featurenet.json").write_text(
+        json.dumps(info | {"dataset_hash": "0" * 64})
+    )
+    with pytest.raises(EvaluationError, match="re-run the featurenet stage"):
+        evaluate(other_data)
+    params_file = root / "bad.yaml"
+    params_file.write_text(json.dumps(wrong.model_dump(mode="json")))
+    assert main(["evaluate", "--params", str(params_file)]) == 1
+    assert "inception_weights" in capsys.readouterr().err
+    assert (tree_digest(root / "evaluate"), (root / "metrics" / "evaluate.json").read_bytes()) == (
+        outputs
+    )

@@ -1,0 +1,82 @@
+"""The featurenet stage: a real classifier of the prepared data, saved pickle-free."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.config import validate_params
+from pipeline.errors import EvaluationError
+from pipeline.featurenet import INFO, WEIGHTS, load_featurenet, predict, train_featurenet
+from pipeline.prepare import prepare
+from tests.conftest import tree_digest
+
+
+def digits_params(tmp_path, **featurenet):
+    return validate_params(
+        {
+            "prepare": {"out_dir": str(tmp_path / "prepared"), "resolution": 8},
+            "featurenet": {
+                "out_dir": str(tmp_path / "featurenet"),
+                "metrics_file": str(tmp_path / "metrics" / "featurenet.json"),
+                **featurenet,
+            },
+        }
+    )
+
+
+def test_digits_featurenet_is_accurate_and_reloads_to_the_same_predictions(tmp_path):
+    params = digits_params(tmp_path, epochs=8)
+    prepare(params)
+    report = train_featurenet(params)
+    assert report["test_accuracy"] >= 0.95
+    metrics = json.loads((tmp_path / "metrics" / "featurenet.json").read_text())
+    assert metrics["test_accuracy"] == report["test_accuracy"]
+    assert metrics["num_classes"] == 10
+
+    net, info = load_featurenet(tmp_path / "featurenet")
+    assert info["dataset_hash"] and info["resolution"] == 8 and info["channels"] == 1
+    features, logits = net(torch.zeros(3, 1, 8, 8))
+    assert features.shape == (3, params.featurenet.feature_dim) and logits.shape == (3, 10)
+    images = np.zeros((4, 8, 8, 1), dtype=np.uint8)
+    assert predict(net, images).shape == (4,)
+
+
+def test_too_low_accuracy_fails_and_keeps_the_previous_featurenet(tmp_path):
+    params = digits_params(tmp_path, epochs=1, min_accuracy=0.0)
+    prepare(params)
+    train_featurenet(params)
+    before = tree_digest(tmp_path / "featurenet")
+    strict = digits_params(tmp_path, epochs=1, width=4, min_accuracy=1.0)
+    with pytest.raises(EvaluationError, match="below featurenet.min_accuracy 1.0"):
+        train_featurenet(strict)
+    assert tree_digest(tmp_path / "featurenet") == before
+    assert not list(tmp_path.glob(".featurenet*")), "no staging directory is left behind"
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    params = digits_params(tmp_path, epochs=1, min_accuracy=0.0)
+    prepare(params)
+    train_featurenet(params)
+    (tmp_path / "featurenet" / WEIGHTS).write_bytes(b"not the weights")
+    with pytest.raises(EvaluationError, match="does not match its sha256"):
+        load_featurenet(tmp_path / "featurenet")
+    (tmp_path / "featurenet" / INFO).unlink()
+    with pytest.raises(EvaluationError, match="run the featurenet stage"):
+        load_featurenet(tmp_path / "featurenet")
+
+
+def test_unlabeled_data_is_a_clear_error_from_the_cli(tmp_path, image_folder, capsys):
+    flat = image_folder / "cat"  # one folder of images read without labels
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        f"prepare: {{source: imagefolder, image_dir: {flat}, image_labels: none, "
+        f"resolution: 8, out_dir: {tmp_path / 'prepared'}}}\n"
+        f"featurenet: {{out_dir: {tmp_path / 'fn'}, metrics_file: {tmp_path / 'fn.json'}}}\n"
+    )
+    assert main(["prepare", "--params", str(params_file)]) == 0
+    assert main(["featurenet", "--params", str(params_file)]) == 1
+    assert "needs labels" in capsys.readouterr().err
+    assert not (tmp_path / "fn").exists() and not (tmp_path / "fn.json").exists()
