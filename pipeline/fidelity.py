@@ -15,6 +15,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -161,6 +162,21 @@ def check_inception_weights(path: str) -> None:
             f"evaluate.inception_weights: {path} is not torch-fidelity's Inception-v3 state "
             f"dict ({str(exc)[:300]})"
         ) from None
+
+
+def save_random_inception_weights(path: str | Path, seed: int = 0) -> None:
+    """Randomly initialised weights of torch-fidelity's Inception network, for testing the
+    Inception plumbing and timing it where the real weights cannot be downloaded. Scores
+    computed with them are meaningless."""
+    import torch_fidelity.feature_extractor_inceptionv3 as module
+
+    with (
+        mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: None),
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, s: None),
+    ):
+        torch.manual_seed(seed)
+        net = FeatureExtractorInceptionV3(INCEPTION, ["2048"])
+    torch.save(net.state_dict(), path)
 
 
 def compute(

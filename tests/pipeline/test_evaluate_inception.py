@@ -1,0 +1,101 @@
+"""The Inception-v3 path of the evaluate stage, without a download: weights of the right
+shapes are saved from a randomly initialised copy of torch-fidelity's own network (the
+scores are meaningless; the plumbing is what is tested). A handful of RGB images keeps
+Inception's ~10 images/s on CPU affordable."""
+
+import json
+import pickle
+
+import pytest
+import torch
+
+import pipeline.fidelity
+from pipeline.errors import EvaluationError
+from pipeline.evaluate import evaluate
+from pipeline.featurenet import train_featurenet
+from pipeline.fidelity import save_random_inception_weights
+from pipeline.prepare import prepare
+from tests.pipeline.test_evaluate import eval_params, save_candidates
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    save_random_inception_weights(path)
+    return path
+
+
+@pytest.fixture
+def rgb_setup(tmp_path, image_folder):
+    def params(**evaluate):
+        return eval_params(
+            tmp_path,
+            prepare_={"source": "imagefolder", "image_dir": str(image_folder), "channels": 3},
+            featurenet={"epochs": 2, "min_accuracy": 0.0},
+            evaluate={
+                "num_samples": 8,
+                "kid_subset_size": 4,
+                "kid_subsets": 2,
+                "batch_size": 8,
+                **evaluate,
+            },  # fmt: skip
+        )
+
+    base = params()
+    prepare(base)
+    train_featurenet(base)
+    save_candidates(base, [("plain", {}, 1)])
+    return params
+
+
+def test_inception_metrics_with_local_weights(rgb_setup, random_inception_weights):
+    report = evaluate(rgb_setup(inception=True, inception_weights=str(random_inception_weights)))
+    scores = report["candidates"]["plain"]
+    for metric in ("fid", "is", "kid", "precision", "recall"):
+        assert isinstance(scores[f"{metric}_inception"], float)
+        assert isinstance(scores[f"{metric}_domain"], float)
+    assert {"fid_floor_inception", "fid_ceiling_inception"} <= set(report["sanity"])
+    extractors = report["protocol"]["feature_extractors"]
+    assert extractors["inception"]["name"] == "inception-v3-compat"
+    assert len(extractors["inception"]["sha256"]) == 64
+    assert report["inception"]["status"] == "computed"
+
+
+def test_inception_skipped_with_a_recorded_reason_when_weights_cannot_be_had(
+    rgb_setup, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no cached download
+    monkeypatch.setattr(pipeline.fidelity, "URL_INCEPTION_V3", "http://127.0.0.1:9/w.pth")
+    report = evaluate(rgb_setup(inception=True))
+    assert report["inception"]["status"] == "skipped"
+    assert "set evaluate.inception_weights" in report["inception"]["reason"]
+    assert "fid_domain" in report["candidates"]["plain"]
+    assert not any(k.endswith("_inception") for k in report["candidates"]["plain"])
+    written = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert written["inception"] == report["inception"]
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that pickled code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_wrong_or_unsafe_inception_weights_fail_clearly(rgb_setup, tmp_path):
+    wrong_shapes = tmp_path / "small.pth"
+    torch.save(torch.nn.Conv2d(3, 8, 3).state_dict(), wrong_shapes)
+    with pytest.raises(EvaluationError, match="not torch-fidelity's Inception-v3 state dict"):
+        evaluate(rgb_setup(inception=True, inception_weights=str(wrong_shapes)))
+    unsafe = tmp_path / "unsafe.pth"
+    marker = tmp_path / "payload-ran"
+    unsafe.write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(EvaluationError, match="not torch-fidelity's Inception-v3 state dict"):
+        evaluate(rgb_setup(inception=True, inception_weights=str(unsafe)))
+    assert not (tmp_path / "metrics" / "evaluate.json").exists()
+    assert not marker.exists()
