@@ -19,6 +19,7 @@ from pipeline.checkpoint import CheckpointError, read_checkpoint
 from pipeline.shards import DataError
 
 RESULT = "result.json"
+GENERATORS = "generators"  # <evaluate.out_dir>/generators/<candidate>: what evaluate scored
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,12 @@ import torch_fidelity
 
 from gan.export import save_generator, sha256_file
 from gan.sampling import generate, mix_seed
-from pipeline.candidates import Candidate, generator_from_checkpoint, list_candidates
+from pipeline.candidates import (
+    GENERATORS,
+    Candidate,
+    generator_from_checkpoint,
+    list_candidates,
+)
 from pipeline.config import Params
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
@@ -56,7 +61,7 @@ from pipeline.tracking import check_reachable, tracking_uri
 log = logging.getLogger(__name__)
 
 ALL_METRICS = ("fid", "isc", "kid", "prc")
-SAMPLES, GENERATORS = "samples", "generators"
+SAMPLES = "samples"
 GRID_IMAGES = 64
 # A class counts as covered when it gets at least this share of the samples it would get if
 # the generator matched the real class frequencies.

@@ -3,6 +3,7 @@ outputs (or nothing), never a half-written file or directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -28,10 +29,20 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
-def write_json(path: str | Path, data) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never part of one."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """A temporary path beside `path` to write to; it becomes `path` when the block succeeds
+    (a reader sees the old file or the new one, never part of one) and is removed if not."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -7,6 +7,7 @@ relative sqlite path is made absolute here, because Ray workers run in other dir
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import urllib.error
@@ -61,3 +62,29 @@ def git_commit() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return out.stdout.strip() or "unknown"
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created (artifacts beside a sqlite store) if missing."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location(client.tracking_uri))
+
+
+@contextlib.contextmanager
+def mlflow_at(uri: str):
+    """MLflow's fluent API and URI resolvers (start_run, log_model, downloads of models:/ and
+    runs:/ URIs) read the global tracking URI: point it at `uri` for a block only, leaving
+    the global and MLFLOW_TRACKING_URI (which set_tracking_uri also sets) as they were."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env

@@ -367,17 +367,10 @@ def _storage_path(path: str) -> str:
 
 def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash: str) -> str:
     """The MLflow run of this training run: the earlier one when resuming, else a new one."""
-    from pipeline.tracking import artifact_location, git_commit
+    from pipeline.tracking import experiment_id, git_commit
 
-    experiment = client.get_experiment_by_name(params.tracking.experiment)
-    if experiment is None:
-        location = artifact_location(client.tracking_uri)
-        experiment_id = client.create_experiment(params.tracking.experiment, location)
-    else:
-        experiment_id = experiment.experiment_id
-    found = client.search_runs(
-        [experiment_id], f"tags.`ganpipe.run_name` = '{name}'", max_results=1
-    )
+    experiment = experiment_id(client, params.tracking.experiment)
+    found = client.search_runs([experiment], f"tags.`ganpipe.run_name` = '{name}'", max_results=1)
     if found:  # resuming: this attempt's outcome replaces an earlier attempt's
         run_id = found[0].info.run_id
         for tag in (DIVERGED_TAG, DIVERGED_REASON_TAG):
@@ -390,7 +383,7 @@ def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash:
         "ganpipe.dataset_hash": dataset_hash,
         "ganpipe.git_commit": git_commit(),
     }
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    run = client.create_run(experiment, run_name=name, tags=tags)
     from mlflow.entities import Param
 
     flat = {k: str(v) for k, v in flatten(params.model_dump(mode="json")).items()}

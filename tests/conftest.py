@@ -19,6 +19,12 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_server_from_the_shell(monkeypatch):
+    """Tests use their own sqlite stores, whatever MLFLOW_TRACKING_URI the shell exports."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """Three classes of small images in PNG, JPEG and WebP, mixed sizes and modes."""

@@ -1,0 +1,319 @@
+"""The `register` stage: the best evaluated candidate into the MLflow Model Registry.
+
+It ranks the evaluate stage's non-diverged candidates by `register.metric`, logs the winner's
+exported generator as a pickle-free pyfunc (pipeline/generator_model.py, "models from code",
+with the `gan` package and the safetensors weights as files), registers it with tags that
+identify it (weights sha256, dataset, params, git commit, evaluation protocol and scores) and
+applies champion/challenger aliases: the new version is the challenger, and also the champion
+when it beats the current one under the same evaluation protocol. The same weights registered
+again reuse their version. `register.out_file` is written last, only once all of this worked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from importlib.metadata import version as installed_version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.store.db.db_types import DATABASE_ENGINES
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, Schema, TensorSpec
+
+import gan
+from gan.export import load_generator
+from gan.models import GeneratorSpec
+from pipeline.candidates import GENERATORS
+from pipeline.config import RANKING_METRICS, Params
+from pipeline.errors import RegistryError
+from pipeline.files import write_json
+from pipeline.generator_model import ARTIFACT, SHA_KEY
+from pipeline.tracking import (
+    TrackingError,
+    check_reachable,
+    experiment_id,
+    git_commit,
+    mlflow_at,
+    tracking_uri,
+)
+
+MODEL_CODE = Path(__file__).with_name("generator_model.py")
+GAN_PACKAGE = Path(gan.__file__).parent
+# What the served model imports, pinned to the versions it was logged with (nothing inferred).
+REQUIREMENTS = ("mlflow", "torch", "safetensors", "numpy", "pandas")
+TAG = "ganpipe."
+SHA_TAG = TAG + "weights_sha256"
+PROTOCOL_ID_TAG = TAG + "protocol_id"
+METRIC_TAG = TAG + "metric."
+# Model version tag values were VARCHAR(5000) until MLflow 3.2 (migration bda7b8c39065):
+# stay under it so that older tracking servers accept our tags too.
+TAG_VALUE_LIMIT = 5000
+
+
+def register(params: Params) -> dict:
+    """Register the best candidate, promote it if it beats the champion, write out_file."""
+    cfg = params.register
+    report = _read_evaluation(params.evaluate.metrics_file)
+    candidate, scores = best_candidate(report["candidates"], cfg.metric)
+    directory = Path(params.evaluate.out_dir) / GENERATORS / candidate
+    _, spec, info = load_generator(directory)  # the weights are the ones described
+    sha, value = info["weights_sha256"], float(scores[cfg.metric])
+    uri = tracking_uri(params)
+    client = open_registry(uri)
+    tags = _version_tags(candidate, scores, info, report["protocol"], cfg.metric)
+    try:
+        version = _find_version(client, cfg.model_name, sha)
+        if version is None:
+            with mlflow_at(uri):  # log_model and create_model_version resolve through it
+                run_id = scores.get("mlflow_run_id")
+                model = _log_generator(client, params, directory, spec, sha, run_id, candidate)
+                version = _new_version(client, cfg.model_name, model, tags)
+            reused = ""
+        else:  # the same weights: refresh the tags to this evaluation, keep the version
+            for key, tag in tags.items():
+                client.set_model_version_tag(cfg.model_name, version.version, key, tag)
+            reused = f"already registered as version {version.version}; "
+        promoted, reason = _decide(client, params, version.version, value, tags[PROTOCOL_ID_TAG])
+        client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, version.version)
+        if promoted:
+            client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
+        aliases = client.get_model_version(cfg.model_name, version.version).aliases
+    except MlflowException as exc:
+        raise RegistryError(f"model registry {uri}: {exc.message}") from None
+    summary = {
+        "model_name": cfg.model_name,
+        "version": int(version.version),
+        "model_uri": f"models:/{cfg.model_name}/{version.version}",
+        "aliases": sorted(aliases),
+        "candidate": candidate,
+        "metric": cfg.metric,
+        "value": value,
+        "promoted": promoted,
+        "weights_sha256": sha,
+        "message": reused + reason,
+    }
+    write_json(cfg.out_file, summary)
+    return summary
+
+
+def _read_evaluation(path: str | Path) -> dict:
+    """The evaluate stage's metrics file (protocol and per-candidate scores)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RegistryError(f"{path} is missing: run the evaluate stage first") from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(
+            f"{path} is not valid JSON ({exc}); re-run the evaluate stage"
+        ) from None
+    missing = [key for key in ("protocol", "candidates") if key not in report]
+    if missing or "id" not in report.get("protocol", {}):
+        raise RegistryError(
+            f"{path} lacks {', '.join(missing) or 'protocol.id'}: not written by the evaluate "
+            "stage of this version; re-run it"
+        )
+    return report
+
+
+def _is_score(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def best_candidate(candidates: dict[str, dict], metric: str) -> tuple[str, dict]:
+    """The non-diverged candidate with the best `metric` (RANKING_METRICS says which way)."""
+    present = sorted({k for c in candidates.values() for k, v in c.items() if k in RANKING_METRICS})
+    if metric not in present:
+        raise RegistryError(
+            f"register.metric {metric!r} is in no candidate's scores (present: "
+            f"{', '.join(present) or 'none'}); set register.metric to one of them"
+        )
+    eligible = {
+        name: c
+        for name, c in candidates.items()
+        if not c.get("diverged") and _is_score(c.get(metric))
+    }
+    if not eligible:
+        raise RegistryError(
+            f"no candidate can be registered: all {len(candidates)} diverged or have no finite "
+            f"{metric}; fix training (see the train stage's history) and re-run the pipeline"
+        )
+    sign = 1 if RANKING_METRICS[metric] == "min" else -1
+    name = min(sorted(eligible), key=lambda n: sign * eligible[n][metric])
+    return name, eligible[name]
+
+
+def open_registry(uri: str, must_exist: bool = False) -> MlflowClient:
+    """A client for the registry at `uri`, once it is known to be a registry that answers;
+    `must_exist`: an sqlite file that is not there is an error, not a new empty registry."""
+    scheme = uri.partition(":")[0].partition("+")[0]
+    if scheme not in (*DATABASE_ENGINES, "http", "https"):
+        raise RegistryError(
+            f"{uri} cannot hold an MLflow Model Registry (it needs a database or a tracking "
+            "server); set tracking.uri to sqlite:///mlflow.db or MLFLOW_TRACKING_URI to a server"
+        )
+    database = uri.removeprefix("sqlite:///")
+    if must_exist and scheme == "sqlite" and not Path(database).is_file():
+        raise RegistryError(
+            f"there is no model registry at {uri} ({database} does not exist); run "
+            "`ganpipe register` first, or point MLFLOW_TRACKING_URI at the registry"
+        )
+    try:
+        check_reachable(uri)
+    except TrackingError as exc:
+        raise RegistryError(f"model registry: {exc}") from None
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _json_tag(value) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if len(text) <= TAG_VALUE_LIMIT:
+        return text
+    return json.dumps({"omitted": f"{len(text)} characters; see the model's generator.json"})
+
+
+def _version_tags(candidate: str, scores: dict, info: dict, protocol: dict, metric: str) -> dict:
+    """Everything that identifies the registered generator and how it was scored."""
+    metrics = {k: v for k, v in scores.items() if k in RANKING_METRICS and _is_score(v)}
+    return {
+        TAG + "candidate": candidate,
+        TAG + "dataset_hash": info.get("dataset_hash") or protocol.get("dataset_hash", "unknown"),
+        TAG + "git_commit": git_commit(),
+        TAG + "params": _json_tag(info.get("params", {})),
+        TAG + "protocol": _json_tag(protocol),
+        PROTOCOL_ID_TAG: protocol["id"],
+        SHA_TAG: info["weights_sha256"],
+        TAG + "primary_metric": metric,
+        **{METRIC_TAG + k: repr(float(v)) for k, v in sorted(metrics.items())},
+    }
+
+
+def _find_version(client: MlflowClient, name: str, sha: str) -> ModelVersion | None:
+    """The version of model `name` that already holds weights `sha`, or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{SHA_TAG}` = '{sha}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def _signature(spec: GeneratorSpec) -> ModelSignature:
+    """Requests (num_images, seed, optional label rows) -> images (N, C, H, W) in [0, 1]."""
+    inputs = Schema([
+        ColSpec("long", "num_images"),
+        ColSpec("long", "seed"),
+        ColSpec("long", "label", required=False),
+    ])  # fmt: skip
+    shape = (-1, spec.channels, spec.resolution, spec.resolution)
+    return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.float32), shape)]))
+
+
+def _get_run(client: MlflowClient, run_id: str | None) -> Run | None:
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+@contextlib.contextmanager
+def _model_run(client: MlflowClient, params: Params, run_id: str | None, candidate: str):
+    """The candidate's training run when the store has it, left in the state it was in; else
+    a new run in `tracking.experiment`."""
+    existing = _get_run(client, run_id)
+    if existing is not None:
+        try:
+            with mlflow.start_run(run_id=run_id):
+                yield
+        finally:
+            client.update_run(run_id, status=existing.info.status)
+        return
+    experiment = experiment_id(client, params.tracking.experiment)
+    tags = {TAG + "candidate": candidate, TAG + "git_commit": git_commit()}
+    with mlflow.start_run(experiment_id=experiment, run_name=f"register-{candidate}", tags=tags):
+        yield
+
+
+def _log_generator(
+    client: MlflowClient,
+    params: Params,
+    directory: Path,
+    spec: GeneratorSpec,
+    sha: str,
+    run_id: str | None,
+    candidate: str,
+) -> ModelInfo:
+    """Log the exported generator as a models-from-code pyfunc (a LoggedModel)."""
+    pinned = {SHA_KEY: sha}  # metadata: for readers of MLmodel; model_config: for load_context
+    requirements = [f"{p}=={installed_version(p).split('+')[0]}" for p in REQUIREMENTS]
+    with _model_run(client, params, run_id, candidate):
+        info = mlflow.pyfunc.log_model(
+            name=candidate,
+            python_model=str(MODEL_CODE),
+            artifacts={ARTIFACT: str(directory)},
+            code_paths=[str(GAN_PACKAGE)],
+            signature=_signature(spec),
+            input_example=pd.DataFrame([{"num_images": 2, "seed": 0}]),
+            pip_requirements=requirements,
+            metadata=dict(pinned),
+            model_config=pinned,
+        )
+    flavor = info.flavors["python_function"]
+    if "model_code_path" not in flavor or "python_model" in flavor:
+        raise RegistryError(f"{info.model_uri} was logged with a pickled python_model; refusing it")
+    return info
+
+
+def _new_version(client: MlflowClient, name: str, model: ModelInfo, tags: dict) -> ModelVersion:
+    """A new version of registered model `name` (created if needed) for the logged model."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    return client.create_model_version(
+        name, model.model_uri, run_id=model.run_id, tags=tags, model_id=model.model_id
+    )
+
+
+def _decide(client: MlflowClient, params: Params, version: str, value: float, protocol_id: str):
+    """(promote to champion?, why): only over no champion, or a worse one scored the same way."""
+    cfg, metric = params.register, params.register.metric
+    stays = f"stays {cfg.challenger_alias}"
+    aliases = client.get_registered_model(cfg.model_name).aliases
+    if cfg.alias not in aliases:
+        return True, f"promoted to {cfg.alias}: there was no {cfg.alias}"
+    current = aliases[cfg.alias]
+    if str(current) == str(version):
+        return True, f"stays {cfg.alias}: it already is the {cfg.alias}"
+    tags = client.get_model_version(cfg.model_name, current).tags
+    by_hand = (
+        f'to promote it by hand: python -c "from mlflow import MlflowClient; '
+        f"MlflowClient('{client.tracking_uri}').set_registered_model_alias("
+        f"'{cfg.model_name}', '{cfg.alias}', {version})\""
+    )
+    theirs = tags.get(PROTOCOL_ID_TAG, "none")
+    if theirs != protocol_id:
+        return False, (
+            f"{stays}: {cfg.alias} version {current} was evaluated under protocol "
+            f"{theirs[:12]}, this one under {protocol_id[:12]}, so their scores are not "
+            f"comparable; re-evaluate both under one protocol, or {by_hand}"
+        )
+    if METRIC_TAG + metric not in tags:
+        return False, f"{stays}: {cfg.alias} version {current} has no {metric}; {by_hand}"
+    old = float(tags[METRIC_TAG + metric])
+    lower_is_better = RANKING_METRICS[metric] == "min"
+    if value < old if lower_is_better else value > old:
+        sign = "<" if lower_is_better else ">"
+        return True, (
+            f"promoted to {cfg.alias}: {metric} {value:.4g} {sign} {old:.4g} of version {current}"
+        )
+    return False, (
+        f"{stays}: {metric} {value:.4g} is not better than {old:.4g} of {cfg.alias} "
+        f"version {current}"
+    )

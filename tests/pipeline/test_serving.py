@@ -1,0 +1,251 @@
+"""Pulling registered generators: by alias and version, checked against the registry's sha256,
+never unpickled; over HTTP with `mlflow models serve`; and through the CLI."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.models import Model
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from gan.export import INFO, WEIGHTS, ExportError, sha256_file
+from pipeline.cli import main
+from pipeline.errors import RegistryError
+from pipeline.registry import SHA_TAG, register
+from pipeline.serving import load_generator_from_uri, sample, sample_grid
+from pipeline.tracking import mlflow_at
+from tests.pipeline.test_registry import CONDITIONAL_SPEC, evaluation, free_port
+
+NAME, CONDITIONAL = "ganpipe-generator", "ganpipe-conditional"
+CHAMPION = f"models:/{NAME}@champion"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    """One sqlite registry holding an unconditional and a conditional generator."""
+    root = tmp_path_factory.mktemp("registry")
+    db = root / "mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        params = evaluation(root / "plain", {"plain": {"fid_domain": 10.0}}, db)
+        register(params)
+        conditional = evaluation(
+            root / "cond", {"cond": {"fid_domain": 9.0}}, db, spec=CONDITIONAL_SPEC,
+            model_name=CONDITIONAL,
+        )  # fmt: skip
+        register(conditional)
+    return {"uri": f"sqlite:///{db}", "params": params, "root": root}
+
+
+def local_copy(registry, tmp_path) -> Path:
+    """The champion's model directory, downloaded to tmp_path (to tamper with)."""
+    with mlflow_at(registry["uri"]):
+        return Path(mlflow.artifacts.download_artifacts(CHAMPION, dst_path=str(tmp_path / "m")))
+
+
+def test_sample_grid_from_the_champion(registry, tmp_path):
+    out = sample_grid(
+        CHAMPION, tmp_path / "grids" / "s.png", 10, seed=3, params=registry["params"], nrow=5
+    )
+    # torchvision's grid: 2 rows x 5 columns of 16x16 images with 2-pixel padding
+    assert Image.open(out).size == (5 * 18 + 2, 2 * 18 + 2)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["s.png"]  # no temporary left
+
+
+def test_sample_is_seeded_and_matches_the_served_model(registry, monkeypatch):
+    images = sample(CHAMPION, 4, seed=7, tracking_uri=registry["uri"])
+    assert images.shape == (4, 1, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, sample(f"models:/{NAME}/1", 4, 7, tracking_uri=registry["uri"]))
+    assert not torch.equal(images, sample(CHAMPION, 4, seed=8, tracking_uri=registry["uri"]))
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with mlflow_at(registry["uri"]):
+        model = mlflow.pyfunc.load_model(CHAMPION)
+    served = model.predict(pd.DataFrame([{"num_images": 4, "seed": 7}]))
+    np.testing.assert_array_equal(served, images.numpy())
+
+
+def test_labels_for_conditional_models_only(registry):
+    uri, conditional = registry["uri"], f"models:/{CONDITIONAL}@champion"
+    threes = sample(conditional, 4, seed=0, label=3, tracking_uri=uri)
+    assert threes.shape == (4, 1, 16, 16)
+    assert not torch.equal(threes, sample(conditional, 4, seed=0, tracking_uri=uri))
+    with pytest.raises(RegistryError, match=r"label 10 is outside the model's classes 0..9"):
+        sample(conditional, 4, label=10, tracking_uri=uri)
+    with pytest.raises(RegistryError, match="unconditional"):
+        sample(CHAMPION, 4, label=3, tracking_uri=uri)
+    with mlflow_at(uri):
+        model = mlflow.pyfunc.load_model(conditional)
+    rows = pd.DataFrame(
+        [{"num_images": 4, "seed": 0, "label": 3}, {"num_images": 2, "seed": 1, "label": -1}]
+    )
+    np.testing.assert_array_equal(model.predict(rows)[:4], threes.numpy())
+
+
+def test_unknown_models_name_what_exists(registry):
+    uri = registry["uri"]
+    with pytest.raises(RegistryError, match=f"registered models: {CONDITIONAL}, {NAME}"):
+        sample("models:/nope@champion", 2, tracking_uri=uri)
+    with pytest.raises(RegistryError, match=r"aliases: challenger \(version 1\), champion"):
+        sample(f"models:/{NAME}@best", 2, tracking_uri=uri)
+    with pytest.raises(RegistryError, match="no version 9; its versions: 1"):
+        sample(f"models:/{NAME}/9", 2, tracking_uri=uri)
+    with pytest.raises(RegistryError, match="no model registry at"):
+        sample(CHAMPION, 2, tracking_uri=f"sqlite:///{registry['root'] / 'missing.db'}")
+
+
+def test_a_registry_tag_that_does_not_match_the_weights_is_refused(registry):
+    client = MlflowClient(registry["uri"])
+    real = client.get_model_version(NAME, "1").tags[SHA_TAG]
+    client.set_model_version_tag(NAME, "1", SHA_TAG, "0" * 64)
+    try:
+        with pytest.raises(RegistryError, match="refusing to load them"):
+            sample(CHAMPION, 2, tracking_uri=registry["uri"])
+    finally:
+        client.set_model_version_tag(NAME, "1", SHA_TAG, real)
+
+
+def test_changed_weights_in_a_model_directory_are_refused(registry, tmp_path):
+    model_dir = local_copy(registry, tmp_path)
+    load_generator_from_uri(str(model_dir))  # loads: the weights match the MLmodel pin
+    weights = next(model_dir.rglob(WEIGHTS))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(RegistryError, match="replaced or damaged"):
+        load_generator_from_uri(str(model_dir))
+
+
+class Payload:
+    """Unpickling this creates `marker`: proof that a pickle was executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_in_place_of_the_weights_is_never_unpickled(registry, tmp_path, monkeypatch):
+    live = tmp_path / "live"
+    pickle.loads(pickle.dumps(Payload(live)))  # the payload really runs when unpickled
+    assert live.exists()
+    marker = tmp_path / "pwned"
+    model_dir = local_copy(registry, tmp_path)
+    weights = next(model_dir.rglob(WEIGHTS))
+    weights.write_bytes(pickle.dumps(Payload(marker)))
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+
+    with pytest.raises(RegistryError, match="replaced or damaged"):
+        load_generator_from_uri(str(model_dir))
+    with pytest.raises(ExportError, match="replaced or damaged"):
+        mlflow.pyfunc.load_model(str(model_dir))
+
+    # Forge every pinned hash too: the file is still only ever read as safetensors.
+    forged = sha256_file(weights)
+    info_file = weights.with_name(INFO)
+    info_file.write_text(
+        json.dumps({**json.loads(info_file.read_text()), "weights_sha256": forged})
+    )
+    mlmodel = Model.load(model_dir)
+    mlmodel.metadata["weights_sha256"] = forged
+    mlmodel.flavors["python_function"]["config"]["weights_sha256"] = forged
+    mlmodel.save(model_dir / "MLmodel")
+    with pytest.raises(RegistryError, match="not a safetensors file"):
+        load_generator_from_uri(str(model_dir))
+    with pytest.raises(ExportError, match="not a safetensors file"):
+        mlflow.pyfunc.load_model(str(model_dir))
+    assert not marker.exists()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_requests(registry, tmp_path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registry["uri"],
+        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+    }
+    command = [
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION,
+        "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
+    ]  # fmt: skip
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for(f"{base}/ping", server, tmp_path / "serve.log")
+        status, body = _post(
+            f"{base}/invocations", {"dataframe_records": [{"num_images": 2, "seed": 0}]}
+        )
+        assert status == 200, body
+        images = np.asarray(body["predictions"], dtype=np.float32)
+        assert images.shape == (2, 1, 16, 16) and images.min() >= 0 and images.max() <= 1
+        expected = sample(CHAMPION, 2, seed=0, tracking_uri=registry["uri"]).numpy()
+        np.testing.assert_allclose(images, expected, atol=1e-6)
+        status, body = _post(
+            f"{base}/invocations", {"dataframe_records": [{"num_images": 5000, "seed": 0}]}
+        )
+        assert status == 400 and "between 1 and 1024" in body["message"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn workers
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout_s} s"
+            time.sleep(0.5)
+
+
+def test_cli_register_and_sample(registry, tmp_path, capsys):
+    params = registry["params"]
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    out_file = Path(params.register.out_file)
+    out_file.unlink(missing_ok=True)
+    assert main(["register", "--params", str(params_file)]) == 0
+    assert json.loads(out_file.read_text())["version"] == 1
+    assert "already registered as version 1" in capsys.readouterr().out
+
+    png = tmp_path / "samples.png"
+    args = ["sample", "--params", str(params_file), "--num", "4", "--nrow", "2", "--out", str(png)]
+    assert main(args) == 0
+    assert Image.open(png).size == (2 * 18 + 2, 2 * 18 + 2)
+    assert main([*args, "--model", f"models:/{NAME}@nope"]) == 1
+    assert "has no alias 'nope'" in capsys.readouterr().err
