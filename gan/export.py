@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from gan.ema import unwrap
 from gan.models import GeneratorSpec
@@ -77,7 +77,8 @@ def load_generator(
     weights = directory / WEIGHTS
     if not weights.is_file():
         raise ExportError(f"{weights} is missing")
-    actual = sha256_file(weights)
+    data = weights.read_bytes()  # hashed and parsed from the same bytes
+    actual = hashlib.sha256(data).hexdigest()
     if actual != expected:
         raise ExportError(
             f"{weights} has sha256 {actual[:16]}..., expected {expected[:16]}...: the weights were "
@@ -86,7 +87,7 @@ def load_generator(
     spec = GeneratorSpec(**info["spec"])
     generator = spec.build()
     try:
-        state = load_file(weights)
+        state = load(data)
     except Exception as exc:  # safetensors refuses anything that is not safetensors
         raise ExportError(f"{weights} is not a safetensors file ({exc})") from None
     generator.load_state_dict(state)

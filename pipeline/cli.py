@@ -96,6 +96,9 @@ def cmd_featurenet(params: Params, args: argparse.Namespace) -> int:
     from pipeline.featurenet import train_featurenet
 
     report = train_featurenet(params)
+    if not report["available"]:
+        print(f"featurenet: none ({report['reason']})")
+        return 0
     print(
         f"featurenet: test accuracy {report['test_accuracy']:.4f} "
         f"(minimum {params.featurenet.min_accuracy}); {params.featurenet.out_dir}"

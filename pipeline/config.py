@@ -258,6 +258,11 @@ RANKING_METRICS = {
 RankingMetric = Literal[tuple(RANKING_METRICS)]
 
 
+def metric_extractor(metric: str) -> str:
+    """The feature extractor a ranking metric is computed with: 'domain' or 'inception'."""
+    return "inception" if metric.endswith("_inception") else "domain"
+
+
 class EvaluateParams(Section):
     """FID / IS / KID / precision-recall protocol (the `evaluate` stage)."""
 

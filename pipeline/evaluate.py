@@ -37,14 +37,13 @@ from gan.export import save_generator, sha256_file
 from gan.sampling import generate, mix_seed
 from pipeline.candidates import (
     GENERATORS,
-    Candidate,
     generator_from_checkpoint,
     list_candidates,
 )
 from pipeline.config import Params
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
-from pipeline.featurenet import fit_classifier, load_featurenet, predict
+from pipeline.featurenet import fit_classifier, load_featurenet, predict, read_featurenet_info
 from pipeline.fidelity import (
     FEATURENET,
     INCEPTION,
@@ -56,7 +55,7 @@ from pipeline.fidelity import (
 )
 from pipeline.files import replace_dir, staging_dir, write_json
 from pipeline.shards import verify_prepared
-from pipeline.tracking import check_reachable, tracking_uri
+from pipeline.tracking import check_reachable, json_tag, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -102,53 +101,41 @@ def evaluate(params: Params) -> dict:
     manifest = verify_prepared(params.prepare.out_dir, ["train", "test"])
     uri = tracking_uri(params)
     check_reachable(uri)
-    net, net_info = load_featurenet(params.featurenet.out_dir)
-    if net_info["dataset_hash"] != manifest["dataset_hash"]:
-        raise EvaluationError(
-            f"the featurenet in {params.featurenet.out_dir} was trained on dataset "
-            f"{net_info['dataset_hash'][:12]}, the prepared data is "
-            f"{manifest['dataset_hash'][:12]}; re-run the featurenet stage (dvc repro)"
-        )
+    net, net_info = _featurenet(params, manifest)
     candidates = list_candidates(params.train.out_dir)
-    real_split = PreparedSplit(params.prepare.out_dir, c.split, verify=False)
-    real_pixels, real_labels = real_split.read()
+    real_pixels, real_labels = PreparedSplit(params.prepare.out_dir, c.split, verify=False).read()
     test_pixels, test_labels = PreparedSplit(params.prepare.out_dir, "test", verify=False).read()
-    if c.kid_subset_size > len(real_pixels):
-        raise EvaluationError(
-            f"evaluate.kid_subset_size ({c.kid_subset_size}) exceeds the {len(real_pixels)} "
-            f"images of the real {c.split} split; lower it to at most {len(real_pixels)}"
-        )
     extractors, inception = _extractors(params, net_info)
     protocol = _protocol(params, manifest, extractors, len(real_pixels), len(test_pixels))
     scorer = Scorer(params, extractors, manifest["dataset_hash"])
     real = real_images(real_pixels)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     train = real if c.split == "train" else real_images(PreparedSplit(
         params.prepare.out_dir, "train", verify=False).read()[0])  # fmt: skip
     floor = scorer.score(_as_float(test_pixels), train, "train", ("fid", "isc"))
-    timings["floor_s"] = _since(tick)
-    untrained, spec = _untrained_generator(candidates[0], manifest, c.seed)
-    tick = time.perf_counter()
-    ceiling = scorer.score(_samples(untrained, spec, c.num_samples, c), real, c.split, ("fid",))
-    timings["ceiling_s"] = _since(tick)
     sanity = {f"fid_floor_{k[4:]}": v for k, v in floor.items() if k.startswith("fid_")}
-    sanity |= {f"fid_ceiling_{k[4:]}": v for k, v in ceiling.items()}
     sanity |= {f"is_real_{k[3:]}": v for k, v in floor.items() if k.startswith("is_")}
+    timings["floor_s"] = _since(tick)
 
     staging = staging_dir(c.out_dir)
     try:
-        results, device = {}, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        results, ceilings = {}, {}
         for candidate in candidates:
             tick = time.perf_counter()
             generator, spec, run_params = generator_from_checkpoint(
                 candidate.checkpoint, manifest, c.generator
             )
+            generator.to(device)
+            if spec not in ceilings:  # an untrained generator of this architecture
+                ceilings[spec] = _ceiling(scorer, spec, real, device, c)
             fake = _samples(generator, spec, c.num_samples, c)
-            scores = scorer.score(fake, real, c.split)
-            scores |= _class_figures(net, fake, spec.num_classes, real_labels, c)
-            if spec.num_classes:
+            scores = scorer.score(fake, real, c.split) | ceilings[spec]
+            if net is not None:
+                scores |= _class_figures(net, fake, spec.num_classes, real_labels)
+            if spec.num_classes and net is not None:
                 scores |= _per_class_fid(scorer, generator, spec, real_pixels, real_labels, c)
                 scores |= _cas(fake, spec.num_classes, test_pixels, test_labels, params, device)
             timings[f"candidate_s.{candidate.name}"] = _since(tick)
@@ -158,48 +145,72 @@ def evaluate(params: Params) -> dict:
                 "mlflow_run_id": candidate.mlflow_run_id,
                 **scores,
             }
-            _export(staging, candidate, generator, spec, run_params, manifest, c)
+            _export(staging, candidate, generator.cpu(), spec, run_params, manifest, c)
         report = {
             "protocol": protocol,
             "sanity": sanity,
             "candidates": results,
             "inception": inception,
-            "featurenet": {"test_accuracy": net_info["test_accuracy"]},
+            "featurenet": {k: net_info.get(k) for k in ("available", "test_accuracy", "reason")},
             "timings": timings,
         }
+        _log_to_runs(uri, report, staging)
         replace_dir(staging, Path(c.out_dir))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_json(c.metrics_file, report)
-    _log_to_runs(uri, report, Path(c.out_dir))
     return report
+
+
+def _featurenet(params: Params, manifest: dict):
+    """The featurenet and its description; (None, description) when the data is unlabeled."""
+    info = read_featurenet_info(params.featurenet.out_dir)
+    if info["dataset_hash"] != manifest["dataset_hash"]:
+        raise EvaluationError(
+            f"the featurenet in {params.featurenet.out_dir} was made for dataset "
+            f"{info['dataset_hash'][:12]}, the prepared data is "
+            f"{manifest['dataset_hash'][:12]}; re-run the featurenet stage (dvc repro)"
+        )
+    if not info["available"]:
+        return None, info
+    return load_featurenet(params.featurenet.out_dir)
 
 
 def _extractors(params: Params, net_info: dict) -> tuple[dict, dict]:
     """The feature extractors to score with, and whether Inception is on (or why not)."""
-    extractors = {
-        "domain": {
+    extractors = {}
+    if net_info["available"]:
+        extractors["domain"] = {
             "name": FEATURENET,
             "weights": str(Path(params.featurenet.out_dir).resolve()),
             "sha256": net_info["weights_sha256"],
         }
-    }
-    if not params.evaluate.inception:
-        return extractors, {"status": "off", "reason": "evaluate.inception is false"}
-    path, reason = inception_weights(params.evaluate.inception_weights)
-    if path is None:
-        return extractors, {"status": "skipped", "reason": reason}
-    extractors["inception"] = {"name": INCEPTION, "weights": path, "sha256": sha256_file(path)}
-    return extractors, {"status": "computed", "weights": path}
+    inception = {"status": "off", "reason": "evaluate.inception is false"}
+    if params.evaluate.inception:
+        path, reason = inception_weights(params.evaluate.inception_weights)
+        if path is None:
+            inception = {"status": "skipped", "reason": reason}
+        else:
+            extractors["inception"] = {
+                "name": INCEPTION,
+                "weights": path,
+                "sha256": sha256_file(path),
+            }
+            inception = {"status": "computed", "weights": path}
+    if not extractors:
+        raise EvaluationError(
+            f"nothing to score with: there is no featurenet ({net_info['reason']}) and Inception "
+            f"is {inception['status']} ({inception['reason']}); set evaluate.inception: true, "
+            "with evaluate.inception_weights where there is no internet"
+        )
+    return extractors, inception
 
 
 def _protocol(params: Params, manifest: dict, extractors: dict, real: int, test: int) -> dict:
-    """Everything that makes two candidates' numbers comparable; its hash is the protocol id."""
+    """Everything that makes two candidates' numbers comparable. `ids` has one hash per
+    feature extractor (its metrics are comparable when it matches), `id` one for all."""
     c = params.evaluate
-    protocol = {
-        "feature_extractors": {
-            k: {"name": v["name"], "sha256": v["sha256"]} for k, v in extractors.items()
-        },
+    common = {
         "dataset_hash": manifest["dataset_hash"],
         "split": c.split,
         "num_samples": c.num_samples,
@@ -213,8 +224,14 @@ def _protocol(params: Params, manifest: dict, extractors: dict, real: int, test:
         "coverage_share": COVERAGE_SHARE,
         "torch_fidelity": torch_fidelity.__version__,
     }
-    canonical = json.dumps(protocol, sort_keys=True).encode()
-    return {"id": hashlib.sha256(canonical).hexdigest(), **protocol}
+    used = {k: {"name": v["name"], "sha256": v["sha256"]} for k, v in extractors.items()}
+    ids = {k: _digest({**common, "feature_extractor": v}) for k, v in used.items()}
+    protocol = {"feature_extractors": used, **common}
+    return {"id": _digest(protocol), "ids": ids, **protocol}
+
+
+def _digest(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def _as_float(pixels: np.ndarray) -> torch.Tensor:
@@ -229,14 +246,17 @@ def _samples(generator, spec, n: int, config, label: int | None = None, seed=Non
     )  # fmt: skip
 
 
-def _untrained_generator(candidate: Candidate, manifest: dict, seed: int):
-    """A freshly initialised generator of the candidate's architecture (the ceiling)."""
-    _, spec, _ = generator_from_checkpoint(candidate.checkpoint, manifest)
-    torch.manual_seed(seed)
-    return spec.build().eval(), spec
+def _ceiling(scorer: Scorer, spec, real, device, config) -> dict[str, float]:
+    """FID of a freshly initialised generator of this architecture (the sanity ceiling)."""
+    torch.manual_seed(config.seed)
+    untrained = spec.build().eval().to(device)
+    fid = scorer.score(
+        _samples(untrained, spec, config.num_samples, config), real, config.split, ("fid",)
+    )
+    return {f"fid_ceiling_{k[4:]}": v for k, v in fid.items()}
 
 
-def _class_figures(net, fake: torch.Tensor, num_classes: int, real_labels, config) -> dict:
+def _class_figures(net, fake: torch.Tensor, num_classes: int, real_labels) -> dict:
     """Class coverage of the samples (featurenet predictions vs the real class frequencies);
     for conditional generators also how often a sample shows its conditioning class."""
     predicted = predict(net, _nhwc(fake))
@@ -262,6 +282,8 @@ def _per_class_fid(scorer, generator, spec, real_pixels, real_labels, config) ->
             fake, real_images(real), f"{config.split}-class{label}", ("fid",), only=("domain",)
         )
         per_class[f"fid_class{label}_domain"] = values["fid_domain"]
+    if not per_class:
+        return {}
     return {"fid_class_mean_domain": float(np.mean(list(per_class.values()))), **per_class}
 
 
@@ -292,7 +314,8 @@ def _export(staging: Path, candidate, generator, spec, run_params, manifest, con
 
 
 def _log_to_runs(uri: str, report: dict, out_dir: Path) -> None:
-    """Each candidate's metrics, the protocol and its grid, into its MLflow training run."""
+    """Each candidate's metrics, the protocol and its grid (from `out_dir`), into its MLflow
+    training run."""
     from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -314,7 +337,7 @@ def _log_to_runs(uri: str, report: dict, out_dir: Path) -> None:
             metrics=[Metric(f"eval.{k}", v, now, result["steps"]) for k, v in values.items()],
         )
         client.set_tag(run_id, "ganpipe.eval.protocol_id", report["protocol"]["id"])
-        client.set_tag(run_id, "ganpipe.eval.protocol", json.dumps(report["protocol"])[:5000])
+        client.set_tag(run_id, "ganpipe.eval.protocol", json_tag(report["protocol"]))
         client.log_artifact(run_id, str(out_dir / SAMPLES / f"{name}.png"), "evaluate")
 
 

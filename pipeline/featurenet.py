@@ -107,30 +107,33 @@ def accuracy(net: FeatureNet, images: np.ndarray, labels: np.ndarray) -> float:
     return float((predict(net, images) == labels).mean())
 
 
-def labeled_split(out_dir: str | Path, split: str) -> tuple[PreparedSplit, np.ndarray, np.ndarray]:
-    """A prepared split with its images and labels; every image must have a label."""
-    data = PreparedSplit(out_dir, split)
-    images, labels = data.read()
-    if len(data.class_names) < 2 or (labels < 0).any():
-        raise EvaluationError(
-            f"the featurenet is a classifier and needs labels of at least two classes, but the "
-            f"{split} split of {out_dir} is unlabeled; prepare labeled data (imagefolder with "
-            "image_labels: folders) or score with Inception (evaluate.inception: true)"
-        )
-    return data, images, labels
-
-
 def train_featurenet(params: Params) -> dict:
-    """Train on the train split, test on the test split, save if accurate enough."""
+    """Train on the train split, test on the test split, save if accurate enough.
+
+    Unlabeled data has no classifier: the stage then records that there is none (and why),
+    and evaluation scores with Inception only."""
     config = params.featurenet
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    train, images, labels = labeled_split(params.prepare.out_dir, "train")
-    _, test_images, test_labels = labeled_split(params.prepare.out_dir, "test")
+    train = PreparedSplit(params.prepare.out_dir, "train")
+    test = PreparedSplit(params.prepare.out_dir, "test")
+    images, labels = train.read()
+    test_images, test_labels = test.read()
+    if len(train.class_names) < 2 or (labels < 0).any() or (test_labels < 0).any():
+        reason = (
+            f"the prepared data in {params.prepare.out_dir} is unlabeled, and the featurenet is "
+            "a classifier; *_domain metrics need labeled data (imagefolder with image_labels: "
+            "folders), otherwise evaluation uses Inception (evaluate.inception: true)"
+        )
+        info = {"format": FORMAT, "available": False, "reason": reason}
+        _save(Path(config.out_dir), None, info | {"dataset_hash": train.dataset_hash})
+        write_json(config.metrics_file, {"available": False})
+        return {"available": False, "reason": reason}
     num_classes = len(train.class_names)
     start = time.perf_counter()
     net = fit_classifier(images, labels, num_classes, config, device)
     seconds = time.perf_counter() - start
     report = {
+        "available": True,
         "test_accuracy": accuracy(net, test_images, test_labels),
         "train_accuracy": accuracy(net, images, labels),
         "train_seconds": round(seconds, 2),
@@ -160,31 +163,45 @@ def train_featurenet(params: Params) -> dict:
     return report
 
 
-def _save(out_dir: Path, net: FeatureNet, info: dict) -> None:
-    """Weights and description into a staging directory, then swapped in for `out_dir`."""
+def _save(out_dir: Path, net: FeatureNet | None, info: dict) -> None:
+    """Weights (if any) and description into a staging directory, then swapped in."""
     staging = staging_dir(out_dir)
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
-        info["weights_sha256"] = sha256_file(staging / WEIGHTS)
+        if net is not None:
+            state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+            save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
+            info["weights_sha256"] = sha256_file(staging / WEIGHTS)
         (staging / INFO).write_text(json.dumps(info, indent=1) + "\n")
         replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_featurenet(directory: str | Path) -> tuple[FeatureNet, dict]:
-    """The trained featurenet (eval mode, CPU) and its description; checked by sha256."""
-    directory = Path(directory)
+def read_featurenet_info(directory: str | Path) -> dict:
+    """The featurenet stage's description: `available` False (with a reason) for unlabeled
+    data, else the architecture, accuracy, dataset version and weights sha256."""
+    path = Path(directory) / INFO
     try:
-        info = json.loads((directory / INFO).read_text())
+        info = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         raise EvaluationError(
             f"no usable featurenet in {directory} ({exc}); run the featurenet stage "
             "(dvc repro featurenet)"
         ) from None
-    if info.get("format") != FORMAT:
-        raise EvaluationError(f"{directory / INFO}: format {info.get('format')!r}, not {FORMAT!r}")
+    if info.get("format") != FORMAT or "available" not in info:
+        raise EvaluationError(
+            f"{path}: not written by this version's featurenet stage (format "
+            f"{info.get('format')!r}); re-run it (dvc repro featurenet)"
+        )
+    return info
+
+
+def load_featurenet(directory: str | Path) -> tuple[FeatureNet, dict]:
+    """The trained featurenet (eval mode, CPU) and its description; checked by sha256."""
+    directory = Path(directory)
+    info = read_featurenet_info(directory)
+    if not info["available"]:
+        raise EvaluationError(f"there is no featurenet in {directory}: {info['reason']}")
     weights = directory / WEIGHTS
     if not weights.is_file() or sha256_file(weights) != info["weights_sha256"]:
         raise EvaluationError(

@@ -132,9 +132,13 @@ def inception_weights(configured: str | None) -> tuple[str | None, str | None]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
     if not cached.is_file():
         try:
-            urllib.request.urlopen(URL_INCEPTION_V3, timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
-            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), progress=False)
-        except (urllib.error.URLError, OSError) as exc:
+            probe = urllib.request.Request(URL_INCEPTION_V3, method="HEAD")
+            urllib.request.urlopen(probe, timeout=DOWNLOAD_PROBE_TIMEOUT_S).close()
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # The file name carries the first hex digits of its sha256: torch checks them.
+            digest = cached.stem.rsplit("-", 1)[-1]
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(cached), digest, progress=False)
+        except (urllib.error.URLError, OSError, RuntimeError) as exc:
             reason = (
                 f"Inception weights are not available: {cached} is absent and the download from "
                 f"{URL_INCEPTION_V3} failed ({exc}); set evaluate.inception_weights to a local "
@@ -181,7 +185,7 @@ def save_random_inception_weights(path: str | Path, seed: int = 0) -> None:
 
 def compute(
     generated: ImageDataset,
-    real: ImageDataset | None,
+    real: ImageDataset,
     *,
     extractor: str,
     weights: str,

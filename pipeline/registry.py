@@ -33,7 +33,7 @@ import gan
 from gan.export import load_generator
 from gan.models import GeneratorSpec
 from pipeline.candidates import GENERATORS
-from pipeline.config import RANKING_METRICS, Params
+from pipeline.config import RANKING_METRICS, Params, metric_extractor
 from pipeline.errors import RegistryError
 from pipeline.files import write_json
 from pipeline.generator_model import ARTIFACT, SHA_KEY
@@ -42,6 +42,7 @@ from pipeline.tracking import (
     check_reachable,
     experiment_id,
     git_commit,
+    json_tag,
     mlflow_at,
     tracking_uri,
 )
@@ -54,9 +55,7 @@ TAG = "ganpipe."
 SHA_TAG = TAG + "weights_sha256"
 PROTOCOL_ID_TAG = TAG + "protocol_id"
 METRIC_TAG = TAG + "metric."
-# Model version tag values were VARCHAR(5000) until MLflow 3.2 (migration bda7b8c39065):
-# stay under it so that older tracking servers accept our tags too.
-TAG_VALUE_LIMIT = 5000
+REFRESHED = (TAG + "protocol", PROTOCOL_ID_TAG, TAG + "primary_metric")
 
 
 def register(params: Params) -> dict:
@@ -78,9 +77,10 @@ def register(params: Params) -> dict:
                 model = _log_generator(client, params, directory, spec, sha, run_id, candidate)
                 version = _new_version(client, cfg.model_name, model, tags)
             reused = ""
-        else:  # the same weights: refresh the tags to this evaluation, keep the version
+        else:  # the same weights: its scores follow this evaluation; provenance stays
             for key, tag in tags.items():
-                client.set_model_version_tag(cfg.model_name, version.version, key, tag)
+                if key in REFRESHED or key.startswith(METRIC_TAG):
+                    client.set_model_version_tag(cfg.model_name, version.version, key, tag)
             reused = f"already registered as version {version.version}; "
         promoted, reason = _decide(client, params, version.version, value, tags[PROTOCOL_ID_TAG])
         client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, version.version)
@@ -173,13 +173,6 @@ def open_registry(uri: str, must_exist: bool = False) -> MlflowClient:
     return MlflowClient(uri, registry_uri=uri)
 
 
-def _json_tag(value) -> str:
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
-    if len(text) <= TAG_VALUE_LIMIT:
-        return text
-    return json.dumps({"omitted": f"{len(text)} characters; see the model's generator.json"})
-
-
 def _version_tags(candidate: str, scores: dict, info: dict, protocol: dict, metric: str) -> dict:
     """Everything that identifies the registered generator and how it was scored."""
     metrics = {k: v for k, v in scores.items() if k in RANKING_METRICS and _is_score(v)}
@@ -187,9 +180,10 @@ def _version_tags(candidate: str, scores: dict, info: dict, protocol: dict, metr
         TAG + "candidate": candidate,
         TAG + "dataset_hash": info.get("dataset_hash") or protocol.get("dataset_hash", "unknown"),
         TAG + "git_commit": git_commit(),
-        TAG + "params": _json_tag(info.get("params", {})),
-        TAG + "protocol": _json_tag(protocol),
-        PROTOCOL_ID_TAG: protocol["id"],
+        TAG + "params": json_tag(info.get("params", {})),
+        TAG + "protocol": json_tag(protocol),
+        # The protocol of the primary metric's feature extractor decides comparability.
+        PROTOCOL_ID_TAG: protocol["ids"][metric_extractor(metric)],
         SHA_TAG: info["weights_sha256"],
         TAG + "primary_metric": metric,
         **{METRIC_TAG + k: repr(float(v)) for k, v in sorted(metrics.items())},

@@ -8,6 +8,7 @@ relative sqlite path is made absolute here, because Ray workers run in other dir
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import urllib.error
@@ -17,6 +18,9 @@ from pathlib import Path
 from pipeline.config import Params
 
 REACH_TIMEOUT_S = 5
+# Tag values were VARCHAR(5000) until MLflow 3.2 (migration bda7b8c39065): stay under it so
+# that older tracking servers accept our tags too.
+TAG_VALUE_LIMIT = 5000
 
 
 class TrackingError(RuntimeError):
@@ -88,3 +92,11 @@ def mlflow_at(uri: str):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def json_tag(value) -> str:
+    """`value` as compact JSON for an MLflow tag, or a note saying it was too long."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    if len(text) <= TAG_VALUE_LIMIT:
+        return text
+    return json.dumps({"omitted": f"{len(text)} characters; see the model's generator.json"})

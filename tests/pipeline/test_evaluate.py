@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from gan.export import load_generator
+from gan.models import GeneratorSpec
 from gan.sampling import generate
 from pipeline.candidates import RESULT, generator_from_checkpoint
 from pipeline.checkpoint import TrainingState, save_checkpoint
@@ -22,8 +23,15 @@ from pipeline.cli import main
 from pipeline.config import validate_params
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
-from pipeline.evaluate import evaluate
-from pipeline.featurenet import train_featurenet
+from pipeline.evaluate import (
+    Scorer,
+    _cas,
+    _class_figures,
+    _extractors,
+    _per_class_fid,
+    evaluate,
+)
+from pipeline.featurenet import load_featurenet, read_featurenet_info, train_featurenet
 from pipeline.prepare import prepare
 from pipeline.shards import read_manifest
 from pipeline.train import build_models, run_identity
@@ -116,7 +124,8 @@ def test_every_candidate_gets_every_metric_under_a_recorded_protocol(scored):
         for metric in ("fid", "is", "kid", "precision", "recall", "class_coverage"):
             assert isinstance(scores[f"{metric}_domain"], float), metric
         assert not any(k.endswith("_inception") for k in scores)
-    assert 0 < report["sanity"]["fid_floor_domain"] < report["sanity"]["fid_ceiling_domain"]
+        assert 0 < report["sanity"]["fid_floor_domain"] < scores["fid_ceiling_domain"]
+    assert report["sanity"]["is_real_domain"] > 5  # ten clear classes: close to 10
 
 
 def test_conditional_candidates_get_per_class_fid_label_accuracy_and_cas(scored):
@@ -197,3 +206,46 @@ def test_bad_inputs_fail_clearly_and_leave_outputs_untouched(scored, capsys):
     assert (tree_digest(root / "evaluate"), (root / "metrics" / "evaluate.json").read_bytes()) == (
         outputs
     )
+
+
+class Oracle(torch.nn.Module):
+    """A 'generator' whose samples are real images of the class asked for (shifted by
+    `offset` classes): what a perfect conditional generator (offset 0) would draw."""
+
+    def __init__(self, pixels, labels, offset=0):
+        super().__init__()
+        self.images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+        self.labels, self.offset = torch.from_numpy(labels), offset
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # `generate` finds the device here
+
+    def forward(self, z, labels):
+        picks = []
+        for noise, label in zip(z, (labels + self.offset) % 10, strict=True):
+            pool = self.images[self.labels == label]
+            picks.append(pool[int(noise.abs().sum() * 1e4) % len(pool)])
+        return torch.stack(picks)
+
+
+def test_class_figures_reward_samples_of_the_conditioning_class_only(scored):
+    root, params, _, _ = scored
+    c = params.evaluate
+    net, _ = load_featurenet(root / "featurenet")
+    pixels, labels = PreparedSplit(root / "prepared", "train").read()
+    test_pixels, test_labels = PreparedSplit(root / "prepared", "test").read()
+    spec = GeneratorSpec("dcgan", 1, 8, 8, 8, num_classes=10)
+    extractors, _ = _extractors(params, read_featurenet_info(root / "featurenet"))
+    scorer = Scorer(params, extractors, read_manifest(root / "prepared")["dataset_hash"])
+    figures = {}
+    for offset in (0, 1):
+        oracle = Oracle(pixels, labels, offset)
+        fake = generate(oracle, c.num_samples, spec.z_dim, 10, seed=0)
+        figures[offset] = (
+            _class_figures(net, fake, 10, labels)
+            | _per_class_fid(scorer, oracle, spec, pixels, labels, c)
+            | _cas(fake, 10, test_pixels, test_labels, params, torch.device("cpu"))
+        )
+    right, shifted = figures[0], figures[1]
+    assert right["label_accuracy_domain"] > 0.95 and shifted["label_accuracy_domain"] < 0.05
+    assert right["class_coverage_domain"] == shifted["class_coverage_domain"] == 1.0
+    assert right["cas_accuracy"] > 0.85 and shifted["cas_accuracy"] < 0.05
+    assert right["fid_class_mean_domain"] < 0.2 * shifted["fid_class_mean_domain"]

@@ -3,8 +3,13 @@ shapes are saved from a randomly initialised copy of torch-fidelity's own networ
 scores are meaningless; the plumbing is what is tested). A handful of RGB images keeps
 Inception's ~10 images/s on CPU affordable."""
 
+import functools
+import hashlib
+import http.server
 import json
 import pickle
+import shutil
+import threading
 
 import pytest
 import torch
@@ -56,7 +61,7 @@ def test_inception_metrics_with_local_weights(rgb_setup, random_inception_weight
     for metric in ("fid", "is", "kid", "precision", "recall"):
         assert isinstance(scores[f"{metric}_inception"], float)
         assert isinstance(scores[f"{metric}_domain"], float)
-    assert {"fid_floor_inception", "fid_ceiling_inception"} <= set(report["sanity"])
+    assert "fid_floor_inception" in report["sanity"] and "fid_ceiling_inception" in scores
     extractors = report["protocol"]["feature_extractors"]
     assert extractors["inception"]["name"] == "inception-v3-compat"
     assert len(extractors["inception"]["sha256"]) == 64
@@ -75,6 +80,39 @@ def test_inception_skipped_with_a_recorded_reason_when_weights_cannot_be_had(
     assert not any(k.endswith("_inception") for k in report["candidates"]["plain"])
     written = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
     assert written["inception"] == report["inception"]
+
+
+@pytest.fixture
+def served(tmp_path):
+    """An HTTP server on 127.0.0.1 serving the files of a directory (a stand-in for GitHub)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_inception_weights_are_downloaded_into_the_hub_cache_and_checked(
+    rgb_setup, tmp_path, monkeypatch, served, random_inception_weights
+):
+    root, base = served
+    digest = hashlib.sha256(random_inception_weights.read_bytes()).hexdigest()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # empty: no checkpoints dir
+    for name, prefix in (("inception-00000000.pth", "bad"), (f"inception-{digest[:8]}.pth", "ok")):
+        shutil.copy(random_inception_weights, root / name)
+        monkeypatch.setattr(pipeline.fidelity, "URL_INCEPTION_V3", f"{base}/{name}")
+        report = evaluate(rgb_setup(inception=True))
+        cached = tmp_path / "torch-home" / "hub" / "checkpoints" / name
+        if prefix == "bad":  # the file name promises another sha256: refused, not cached
+            assert report["inception"]["status"] == "skipped"
+            assert "invalid hash value" in report["inception"]["reason"]
+            assert not cached.exists()
+        else:
+            assert report["inception"] == {"status": "computed", "weights": str(cached)}
+            assert "fid_inception" in report["candidates"]["plain"]
 
 
 class Payload:

@@ -7,11 +7,19 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.config import validate_params
+from pipeline.config import load_params, validate_params
 from pipeline.errors import EvaluationError
-from pipeline.featurenet import INFO, WEIGHTS, load_featurenet, predict, train_featurenet
+from pipeline.featurenet import (
+    INFO,
+    WEIGHTS,
+    load_featurenet,
+    predict,
+    read_featurenet_info,
+    train_featurenet,
+)
 from pipeline.prepare import prepare
 from tests.conftest import tree_digest
+from tests.pipeline.test_evaluate import save_candidates
 
 
 def digits_params(tmp_path, **featurenet):
@@ -68,15 +76,28 @@ def test_tampered_weights_are_refused(tmp_path):
         load_featurenet(tmp_path / "featurenet")
 
 
-def test_unlabeled_data_is_a_clear_error_from_the_cli(tmp_path, image_folder, capsys):
+def test_unlabeled_data_has_no_featurenet_and_evaluation_says_what_to_use(
+    tmp_path, image_folder, capsys
+):
     flat = image_folder / "cat"  # one folder of images read without labels
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
         f"prepare: {{source: imagefolder, image_dir: {flat}, image_labels: none, "
         f"resolution: 8, out_dir: {tmp_path / 'prepared'}}}\n"
         f"featurenet: {{out_dir: {tmp_path / 'fn'}, metrics_file: {tmp_path / 'fn.json'}}}\n"
+        f"train: {{out_dir: {tmp_path / 'train'}}}\n"
+        f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
     )
     assert main(["prepare", "--params", str(params_file)]) == 0
-    assert main(["featurenet", "--params", str(params_file)]) == 1
-    assert "needs labels" in capsys.readouterr().err
-    assert not (tmp_path / "fn").exists() and not (tmp_path / "fn.json").exists()
+    assert main(["featurenet", "--params", str(params_file)]) == 0
+    assert "featurenet: none (the prepared data" in capsys.readouterr().out
+    info = read_featurenet_info(tmp_path / "fn")
+    assert info["available"] is False and "unlabeled" in info["reason"]
+    assert json.loads((tmp_path / "fn.json").read_text()) == {"available": False}
+    with pytest.raises(EvaluationError, match="there is no featurenet"):
+        load_featurenet(tmp_path / "fn")
+    params = load_params(params_file)
+    save_candidates(params, [("plain", {}, 0)])
+    assert main(["evaluate", "--params", str(params_file)]) == 1
+    err = capsys.readouterr().err
+    assert "nothing to score with" in err and "set evaluate.inception: true" in err

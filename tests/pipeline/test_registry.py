@@ -23,12 +23,10 @@ from pipeline.config import validate_params
 from pipeline.errors import RegistryError
 from pipeline.registry import (
     GENERATORS,
-    TAG_VALUE_LIMIT,
-    _json_tag,
     best_candidate,
     register,
 )
-from pipeline.tracking import mlflow_at
+from pipeline.tracking import TAG_VALUE_LIMIT, json_tag, mlflow_at
 
 SPEC = GeneratorSpec("dcgan", 1, 16, 16, 8)
 CONDITIONAL_SPEC = GeneratorSpec("dcgan", 1, 16, 16, 8, num_classes=10)
@@ -65,7 +63,8 @@ def evaluation(
         )  # fmt: skip
     report = {
         "protocol": {
-            "id": protocol_id(protocol),
+            "id": protocol_id(protocol + "+inception"),  # the registry compares `ids` only
+            "ids": {"domain": protocol_id(protocol)},
             "feature_extractors": {"domain": protocol},
             "num_samples": 100,
             "split": "train",
@@ -120,8 +119,8 @@ def test_inputs_the_evaluate_stage_did_not_write_are_clear_errors(tmp_path):
 
 
 def test_long_json_tags_stay_valid_json_under_the_limit():
-    assert json.loads(_json_tag({"b": 1, "a": [2]})) == {"a": [2], "b": 1}
-    long = _json_tag({"x": "y" * TAG_VALUE_LIMIT})
+    assert json.loads(json_tag({"b": 1, "a": [2]})) == {"a": [2], "b": 1}
+    long = json_tag({"x": "y" * TAG_VALUE_LIMIT})
     assert len(long) <= TAG_VALUE_LIMIT and "generator.json" in json.loads(long)["omitted"]
 
 
