@@ -249,3 +249,23 @@ def test_class_figures_reward_samples_of_the_conditioning_class_only(scored):
     assert right["class_coverage_domain"] == shifted["class_coverage_domain"] == 1.0
     assert right["cas_accuracy"] > 0.85 and shifted["cas_accuracy"] < 0.05
     assert right["fid_class_mean_domain"] < 0.2 * shifted["fid_class_mean_domain"]
+
+
+def test_scoring_against_the_test_split(scored):
+    root, _, on_train, _ = scored
+    params = eval_params(
+        root,
+        evaluate={
+            "split": "test",
+            "out_dir": str(root / "evaluate-test"),
+            "metrics_file": str(root / "metrics" / "evaluate-test.json"),
+        },
+    )
+    report = evaluate(params)
+    assert report["protocol"]["split"] == "test" and report["protocol"]["real_samples"] == 359
+    assert report["protocol"]["ids"]["domain"] != on_train["protocol"]["ids"]["domain"]
+    # The floor is always test against train: it does not depend on the split scored against.
+    assert report["sanity"]["fid_floor_domain"] == on_train["sanity"]["fid_floor_domain"]
+    plain, plain_on_train = report["candidates"]["plain"], on_train["candidates"]["plain"]
+    assert plain["fid_domain"] != plain_on_train["fid_domain"]
+    assert any(p.name.split("-")[1] == "test" for p in (root / "cache").iterdir())
