@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 FEATURENET = "ganpipe-featurenet"
 INCEPTION = "inception-v3-compat"
 DOWNLOAD_PROBE_TIMEOUT_S = 10
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 # Our metric names for torch-fidelity's result keys.
 METRIC_KEYS = {
     torch_fidelity.KEY_METRIC_FID: "fid",
@@ -88,6 +89,26 @@ class FeaturenetExtractor(FeatureExtractorBase):
 
 if FEATURENET not in torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY:
     torch_fidelity.register_feature_extractor(FEATURENET, FeaturenetExtractor)
+
+
+class WeightsOnlyInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's Inception-v3, unchanged except that its weights file is read with
+    `weights_only` (the library unpickles it in full, which would run code in a file swapped
+    in after our check). It replaces the library's entry under the same name."""
+
+    def __init__(self, name, features_list, **kwargs):
+        previous = os.environ.get(FORCE_WEIGHTS_ONLY)
+        os.environ[FORCE_WEIGHTS_ONLY] = "1"  # torch.load honours it over weights_only=False
+        try:
+            super().__init__(name, features_list, **kwargs)
+        finally:
+            if previous is None:
+                os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+            else:
+                os.environ[FORCE_WEIGHTS_ONLY] = previous
+
+
+torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY[INCEPTION] = WeightsOnlyInceptionV3
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -152,15 +173,14 @@ def inception_weights(configured: str | None) -> tuple[str | None, str | None]:
 
 def check_inception_weights(path: str) -> None:
     """The file is a plain state dict (loaded with `weights_only`, so it cannot run code) that
-    torch-fidelity's Inception network accepts; torch-fidelity then loads it itself."""
+    torch-fidelity's Inception network accepts: a clear error now, not deep in a run."""
     if not Path(path).is_file():
         raise EvaluationError(
             f"evaluate.inception_weights: {path} does not exist; point it at a copy of "
             f"{os.path.basename(URL_INCEPTION_V3)} or remove it to skip Inception metrics"
         )
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
-        FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=path)
+        WeightsOnlyInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=path)
     except Exception as exc:  # pickled code, a damaged file, missing keys, wrong shapes
         raise EvaluationError(
             f"evaluate.inception_weights: {path} is not torch-fidelity's Inception-v3 state "

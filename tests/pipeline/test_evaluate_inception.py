@@ -13,12 +13,13 @@ import threading
 
 import pytest
 import torch
+import torch_fidelity
 
 import pipeline.fidelity
 from pipeline.errors import EvaluationError
 from pipeline.evaluate import evaluate
 from pipeline.featurenet import train_featurenet
-from pipeline.fidelity import save_random_inception_weights
+from pipeline.fidelity import WeightsOnlyInceptionV3, save_random_inception_weights
 from pipeline.prepare import prepare
 from tests.pipeline.test_evaluate import eval_params, save_candidates
 
@@ -136,4 +137,12 @@ def test_wrong_or_unsafe_inception_weights_fail_clearly(rgb_setup, tmp_path):
     with pytest.raises(EvaluationError, match="not torch-fidelity's Inception-v3 state dict"):
         evaluate(rgb_setup(inception=True, inception_weights=str(unsafe)))
     assert not (tmp_path / "metrics" / "evaluate.json").exists()
+    assert not marker.exists()
+    # torch-fidelity itself builds this class, so a file swapped after the check is safe too.
+    registry = torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY
+    assert registry["inception-v3-compat"] is WeightsOnlyInceptionV3
+    with pytest.raises(Exception, match="Weights only load failed"):
+        WeightsOnlyInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(unsafe)
+        )
     assert not marker.exists()
