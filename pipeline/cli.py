@@ -19,7 +19,7 @@ import yaml
 from gan.export import ExportError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
-from pipeline.errors import EvaluationError, RegistryError
+from pipeline.errors import EvaluationError, RegistryError, SweepError
 from pipeline.shards import DataError
 from pipeline.sources import SourceError
 from pipeline.tracking import TrackingError
@@ -28,7 +28,7 @@ from pipeline.train import ResumeMismatchError
 # Errors that mean "the input is wrong" (data, files, URIs, servers), reported in one line.
 BAD_INPUT = (
     SourceError, DataError, TrackingError, ResumeMismatchError, CheckpointError, ExportError,
-    EvaluationError, RegistryError,
+    EvaluationError, RegistryError, SweepError,
 )  # fmt: skip
 EXIT_BAD_INPUT = 1
 EXIT_BAD_PARAMS = 2
@@ -84,6 +84,13 @@ def cmd_train(params: Params, args: argparse.Namespace) -> int:
     from pipeline.train import train
 
     summary = train(params)
+    if "sweep_name" in summary:
+        ended = ", ".join(f"{t['stop_reason']}" for t in summary["trials"])
+        print(
+            f"sweep {summary['sweep_name']}: {len(summary['trials'])} trials ({ended}); "
+            f"{len(summary['candidates'])} candidates in {params.train.out_dir}/result.json"
+        )
+        return 0
     state = f"diverged at step {summary['diverged_at_step']}" if summary["diverged"] else "finished"
     print(
         f"train {summary['run_name']}: {state} after {summary['steps']} steps; "

@@ -212,6 +212,13 @@ class SweepParams(Section):
     eval_every: Int = Field(200, ge=1, description="steps between trial FID evaluations")
     eval_samples: Int = Field(500, ge=2, description="generated samples per trial evaluation")
     top_k: Int = Field(3, ge=1, description="best trials handed to the evaluate stage")
+    patience: Int = Field(3, ge=1, description="evaluations a collapse/worsening may last")
+    collapse_margin: Float = Field(
+        0.02, gt=0, lt=0.5, description="D collapse: D(x) > 1 - margin and D(G(z)) < margin"
+    )
+    min_class_coverage: Float = Field(
+        0.5, ge=0, le=1, description="mode collapse: share of classes the featurenet finds"
+    )
 
     @field_validator("space")
     @classmethod

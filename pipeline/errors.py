@@ -11,3 +11,7 @@ class EvaluationError(ValueError):
 
 class RegistryError(RuntimeError):
     """The model registry cannot be used, or a model URI cannot be resolved or trusted."""
+
+
+class SweepError(ValueError):
+    """A sweep cannot run as configured on this cluster (trials that can never be placed)."""

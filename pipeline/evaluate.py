@@ -40,7 +40,7 @@ from pipeline.candidates import (
     generator_from_checkpoint,
     list_candidates,
 )
-from pipeline.config import Params
+from pipeline.config import EvaluateParams, Params
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
 from pipeline.featurenet import fit_classifier, load_featurenet, predict, read_featurenet_info
@@ -68,10 +68,11 @@ COVERAGE_SHARE = 0.5
 
 
 class Scorer:
-    """Scores image sets against the real split with each available feature extractor."""
+    """Scores image sets against the real split with each available feature extractor;
+    `config` is an EvaluateParams (sample counts, KID/PR settings, cache, seed)."""
 
-    def __init__(self, params: Params, extractors: dict, dataset_hash: str):
-        self.config, self.extractors = params.evaluate, extractors
+    def __init__(self, config: EvaluateParams, extractors: dict, dataset_hash: str):
+        self.config, self.extractors = config, extractors
         self.dataset_hash = dataset_hash
 
     def score(
@@ -107,7 +108,7 @@ def evaluate(params: Params) -> dict:
     test_pixels, test_labels = PreparedSplit(params.prepare.out_dir, "test", verify=False).read()
     extractors, inception = _extractors(params, net_info)
     protocol = _protocol(params, manifest, extractors, len(real_pixels), len(test_pixels))
-    scorer = Scorer(params, extractors, manifest["dataset_hash"])
+    scorer = Scorer(c, extractors, manifest["dataset_hash"])
     real = real_images(real_pixels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -180,11 +181,7 @@ def _extractors(params: Params, net_info: dict) -> tuple[dict, dict]:
     """The feature extractors to score with, and whether Inception is on (or why not)."""
     extractors = {}
     if net_info["available"]:
-        extractors["domain"] = {
-            "name": FEATURENET,
-            "weights": str(Path(params.featurenet.out_dir).resolve()),
-            "sha256": net_info["weights_sha256"],
-        }
+        extractors["domain"] = domain_extractor(params.featurenet.out_dir, net_info)
     inception = {"status": "off", "reason": "evaluate.inception is false"}
     if params.evaluate.inception:
         path, reason = inception_weights(params.evaluate.inception_weights)
@@ -204,6 +201,12 @@ def _extractors(params: Params, net_info: dict) -> tuple[dict, dict]:
             "with evaluate.inception_weights where there is no internet"
         )
     return extractors, inception
+
+
+def domain_extractor(featurenet_dir: str | Path, info: dict) -> dict:
+    """The featurenet as a Scorer extractor entry."""
+    weights = str(Path(featurenet_dir).resolve())
+    return {"name": FEATURENET, "weights": weights, "sha256": info["weights_sha256"]}
 
 
 def _protocol(params: Params, manifest: dict, extractors: dict, real: int, test: int) -> dict:
@@ -343,3 +346,30 @@ def _log_to_runs(uri: str, report: dict, out_dir: Path) -> None:
 
 def _since(tick: float) -> float:
     return round(time.perf_counter() - tick, 3)
+
+
+class TrialEvaluator:
+    """The sweep's intermediate score, on rank 0 inside the training loop: FID and KID of
+    `sweep.eval_samples` EMA-generator images in featurenet features (real features from the
+    cache the sweep driver filled), and the class coverage of those images."""
+
+    KID_SUBSETS = 10  # a tenth of the final evaluation's: the trend matters, not the digits
+
+    def __init__(self, settings: dict):
+        self.samples = settings["eval_samples"]
+        pixels, self.labels = PreparedSplit(settings["prepared"], "train", verify=False).read()
+        self.real = real_images(pixels)
+        self.config = EvaluateParams(
+            num_samples=self.samples, kid_subset_size=min(self.samples, len(pixels), 1000),
+            kid_subsets=self.KID_SUBSETS, seed=settings["seed"], cache_dir=settings["cache_dir"],
+        )  # fmt: skip
+        self.net, info = load_featurenet(settings["featurenet"])
+        extractors = {"domain": domain_extractor(settings["featurenet"], info)}
+        self.scorer = Scorer(self.config, extractors, settings["dataset_hash"])
+
+    def __call__(self, generator, spec) -> dict[str, float]:
+        tick = time.perf_counter()
+        fake = _samples(generator, spec, self.samples, self.config)
+        scores = self.scorer.score(fake, self.real, "train", ("fid", "kid"))
+        scores |= _class_figures(self.net, fake, spec.num_classes, self.labels)
+        return {**scores, "eval_seconds": time.perf_counter() - tick}

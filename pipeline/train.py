@@ -43,7 +43,7 @@ from pipeline.shards import verify_prepared
 # not what is trained. Everything else in model/train (and the dataset) names the run.
 RESUMABLE_KEYS = {"steps", "log_every", "checkpoint_every", "debug_checks", "out_dir"}
 HISTORY = "history.csv"
-FINAL = "final"  # the last checkpoint, in <train.out_dir>
+CANDIDATES = "candidates"  # <train.out_dir>/candidates/<run name>: final checkpoints
 DIVERGED_TAG = "ganpipe.diverged_at_step"
 DIVERGED_REASON_TAG = "ganpipe.diverged_reason"
 
@@ -170,6 +170,13 @@ def train_worker(config: dict) -> None:
     cfg, sampler = step_config(params, device), LatentSampler(params.model.z_dim, num_classes)
 
     monitor = _system_metrics(config) if rank == 0 else None
+    sweep_eval = config.get("trial_eval")  # a sweep trial: scored at every report
+    evaluator = None
+    if sweep_eval and rank == 0:
+        from pipeline.evaluate import TrialEvaluator
+
+        evaluator = TrialEvaluator(sweep_eval)
+    spec = generator_spec(params.model.model_dump(mode="json"), data.shape, num_classes)
     try:
         faults = config.get("faults") or {}
         tick, images = time.perf_counter(), 0
@@ -182,7 +189,9 @@ def train_worker(config: dict) -> None:
             except NonFiniteError as exc:  # every rank raises at the same step (gan.step)
                 if rank == 0 and config.get("mlflow_run_id"):
                     _mark_diverged(config, exc)
-                ray.train.report({"step": step, "diverged": True})
+                # A sweep's scheduler needs its metric in every result: the worst there is.
+                worst = {"fid_domain": float("inf")} if sweep_eval else {}
+                ray.train.report({"step": step, "diverged": True, **worst})
                 return
             images += t.batch_size * t.n_critic * world
             done = step + 1
@@ -190,6 +199,8 @@ def train_worker(config: dict) -> None:
                 continue
             elapsed = time.perf_counter() - tick
             metrics |= {"step": done, "images_per_s": images / elapsed, "diverged": False}
+            if evaluator is not None:
+                metrics |= evaluator(state.ema.model, spec)
             tick, images = time.perf_counter(), 0
             history.append(metrics)
             if rank == 0 and config.get("mlflow_run_id"):
@@ -365,8 +376,11 @@ def _storage_path(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash: str) -> str:
-    """The MLflow run of this training run: the earlier one when resuming, else a new one."""
+def _mlflow_run(
+    client, params: Params, name: str, dataset_hash: str, extra_tags: dict | None = None
+) -> str:
+    """The MLflow run of this training run: the earlier one when resuming, else a new one
+    (with `extra_tags`, e.g. the parent run of a sweep)."""
     from pipeline.tracking import experiment_id, git_commit
 
     experiment = experiment_id(client, params.tracking.experiment)
@@ -382,6 +396,7 @@ def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash:
         "ganpipe.run_name": name,
         "ganpipe.dataset_hash": dataset_hash,
         "ganpipe.git_commit": git_commit(),
+        **(extra_tags or {}),
     }
     run = client.create_run(experiment, run_name=name, tags=tags)
     from mlflow.entities import Param
@@ -395,8 +410,14 @@ def _mlflow_run(client, params: Params, name: str, identity: dict, dataset_hash:
 def train(params: Params, faults: dict | None = None) -> dict:
     """Run (or resume) training; write result.json, the final checkpoint and the history.
 
-    `faults` injects failures for drills and tests (see `_inject_faults`)."""
+    `faults` injects failures for drills and tests (see `_inject_faults`). With a search
+    space in `sweep.space`, runs a Ray Tune sweep instead (pipeline.sweep)."""
     from mlflow.tracking import MlflowClient
+
+    if params.sweep.space:
+        from pipeline.sweep import sweep
+
+        return sweep(params)
 
     from pipeline.tracking import check_reachable, tracking_uri
 
@@ -409,7 +430,7 @@ def train(params: Params, faults: dict | None = None) -> dict:
     uri = tracking_uri(params)
     check_reachable(uri)
     client = MlflowClient(uri)
-    run_id = _mlflow_run(client, params, name, identity, manifest["dataset_hash"])
+    run_id = _mlflow_run(client, params, name, manifest["dataset_hash"])
 
     # Ray's fit() turns SIGINT into a graceful abort (and leaves its handler installed: put ours
     # back after); SIGTERM is re-sent as SIGINT so it aborts the same way.
@@ -441,7 +462,7 @@ def train(params: Params, faults: dict | None = None) -> dict:
             "candidates": [
                 {
                     "name": name,
-                    "checkpoint": FINAL,
+                    "checkpoint": f"{CANDIDATES}/{name}",
                     "mlflow_run_id": run_id,
                     "diverged": diverged_at is not None,
                     "steps": reached,
@@ -455,7 +476,7 @@ def train(params: Params, faults: dict | None = None) -> dict:
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             },
         }
-        _write_outputs(Path(params.train.out_dir), result, summary)
+        _write_outputs(Path(params.train.out_dir), result, summary, params)
     except (KeyboardInterrupt, SystemExit):  # Ray exits from its handler if the abort races
         client.set_terminated(run_id, status="KILLED")
         raise KeyboardInterrupt("training interrupted") from None
@@ -470,8 +491,9 @@ def train(params: Params, faults: dict | None = None) -> dict:
     return summary
 
 
-def _fit(params: Params, name: str, storage: str, worker_config: dict):
-    """Connect to (or start) Ray and run the TorchTrainer; Ray's Result."""
+def _fit(params: Params, name: str, storage: str, worker_config: dict, callbacks=()):
+    """Connect to (or start) Ray and run the TorchTrainer; Ray's Result. `callbacks` are
+    Ray Train callbacks (a sweep trial forwards the reports to Tune with one)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -496,19 +518,27 @@ def _fit(params: Params, name: str, storage: str, worker_config: dict):
             storage_path=storage,
             failure_config=FailureConfig(max_failures=params.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
     )
     return trainer.fit()
 
 
-def _write_outputs(out: Path, result, summary: dict) -> None:
-    """result.json, the final checkpoint, the history and the last sample grid."""
+def _write_outputs(out: Path, result, summary: dict, params: Params) -> None:
+    """result.json, the final checkpoint, the history, the last sample grid and the params
+    (best_params.yaml: a single run's are its own; a sweep writes its best trial's)."""
+    import yaml
+
+    from pipeline.sweep import BEST_PARAMS
+
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    tree = params.model_dump(mode="json", exclude={"sweep"})
+    (out / BEST_PARAMS).write_text(yaml.safe_dump(tree, sort_keys=False))
     if result.checkpoint:
         with result.checkpoint.as_directory() as directory:
-            shutil.copytree(directory, out / FINAL)
+            shutil.copytree(directory, out / CANDIDATES / summary["run_name"])
             for name in (HISTORY, SAMPLES):
                 if (Path(directory) / name).is_file():
                     shutil.copy(Path(directory) / name, out / name)

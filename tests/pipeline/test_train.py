@@ -1,6 +1,7 @@
 """The train stage on real Ray (local, CPU, gloo) with a tiny DCGAN on 8x8 digits."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,7 +68,8 @@ def prepared(tmp_path):
 
 
 def final_weights(params):
-    return load_file(f"{params.train.out_dir}/final/{WEIGHTS}")
+    (candidate,) = json.loads(Path(params.train.out_dir, "result.json").read_text())["candidates"]
+    return load_file(Path(params.train.out_dir, candidate["checkpoint"], WEIGHTS))
 
 
 @pytest.mark.slow
@@ -134,7 +136,9 @@ def test_non_finite_weights_stop_the_run_as_diverged_without_a_bad_checkpoint(
     assert result["diverged"] and result["diverged_at_step"] == 6
     saved = json.loads((tmp_path / "nan" / "out" / "result.json").read_text())
     assert saved["diverged_at_step"] == 6
-    assert json.loads((tmp_path / "nan" / "out" / "final" / "state.json").read_text())["step"] == 4
+    (candidate,) = json.loads((tmp_path / "nan" / "out" / "result.json").read_text())["candidates"]
+    state = tmp_path / "nan" / "out" / candidate["checkpoint"] / "state.json"
+    assert json.loads(state.read_text())["step"] == 4
     for tensor in final_weights(params).values():
         assert not tensor.is_floating_point() or torch.isfinite(tensor).all()
     client = MlflowClient(params.tracking.uri)

@@ -1,0 +1,409 @@
+"""The train stage as a Ray Tune sweep, when params.yaml has a `sweep.space`.
+
+Every trial is a full Ray Train DDP run (`pipeline.train`), started from a Tune function
+trainable whose TorchTrainer forwards its reports to Tune (TuneReportCallback: Train V2 runs
+cannot be Tune trainables themselves). Trials report every `sweep.eval_every` steps with the
+domain FID/KID of `sweep.eval_samples` EMA samples (pipeline.evaluate.TrialEvaluator), so the
+scheduler (ASHA, or FIFO) and the instability stopper act on image quality:
+
+- diverged:      a non-finite loss or gradient (gan.step stops every rank at the same step)
+- d_collapse:    D(x) > 1 - margin and D(G(z)) < margin for `patience` evaluations in a row
+- mode_collapse: the featurenet finds fewer than `min_class_coverage` of the classes
+                 in the samples, `patience` evaluations in a row (labeled data only)
+- fid_worsening: no FID improvement for `patience` evaluations
+- early_stopped: ASHA ended it for being behind its rung; completed: it ran every step
+
+Trials are named like single runs plus their Tune trial id (gan-<family>-<hash>-<trial>), so an
+interrupted
+sweep resumed with the same params (`Tuner.restore`) continues its unfinished trials from
+their own checkpoints and does not re-run finished ones. MLflow: one parent run per sweep and a
+child run per trial. Outputs in `train.out_dir`: result.json (per-trial table, stability
+table, the best `sweep.top_k` trials as candidates for the evaluate stage), candidates/,
+best_params.yaml (params.yaml with the best trial's values), and the best trial's history and
+sample grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import Choice, Grid, Params, Uniform
+from pipeline.errors import SweepError
+from pipeline.files import write_json
+
+STOP_REASONS = "stop_reasons.json"
+BEST_PARAMS = "best_params.yaml"
+SWEEP_TAG = "ganpipe.sweep_name"
+STOP_TAG = "ganpipe.stop_reason"
+TRIAL_MEMORY = 64 * 1024**2  # the trial driver only waits on its TorchTrainer
+
+
+def trial_params(base: dict, sampled: dict, eval_every: int) -> Params:
+    """The params of one trial: the base with the sampled values, reporting (and
+    checkpointing) at every evaluation, and no sweep of its own."""
+    tree = copy.deepcopy(base)
+    for key, value in sampled.items():
+        section, field = key.split(".", 1)
+        tree[section][field] = value
+    tree["sweep"] = {}
+    tree["train"]["log_every"] = tree["train"]["checkpoint_every"] = eval_every
+    return Params.model_validate(tree)
+
+
+def tune_space(space: dict) -> dict:
+    """sweep.space as a Ray Tune search space."""
+    from ray import tune
+
+    converted = {}
+    for key, dim in space.items():
+        if isinstance(dim, Grid):
+            converted[key] = tune.grid_search(list(dim.values))
+        elif isinstance(dim, Choice):
+            converted[key] = tune.choice(list(dim.values))
+        elif isinstance(dim, Uniform):
+            sample = tune.loguniform if dim.type == "loguniform" else tune.uniform
+            converted[key] = sample(dim.low, dim.high)
+    return converted
+
+
+def sweep_name(params: Params, dataset_hash: str) -> str:
+    """Named after the base configuration, the search and the data: the same sweep resumes."""
+    what = params.model_dump(mode="json", exclude={"evaluate", "register", "tracking"})
+    what["dataset"] = dataset_hash
+    return f"sweep-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]}"
+
+
+class InstabilityStopper:
+    """A Tune stopper that ends unstable trials and remembers why (in a JSON file that
+    survives an interrupted sweep)."""
+
+    def __init__(self, path: Path, patience: int, margin: float, min_coverage: float):
+        from ray import tune
+
+        self.path, self.patience, self.margin = path, patience, margin
+        self.min_coverage = min_coverage
+        self.reasons: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+        self.history: dict[str, list[dict]] = defaultdict(list)
+        self.stopper = tune.stopper.FunctionStopper(self)
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if "fid_domain" not in result:
+            return False
+        history = self.history[trial_id]
+        step = result.get("step")
+        if history and step is not None and history[-1].get("step") == step:
+            history.pop()  # Tune repeats a trial's last result when it ends
+        history.append(result)
+        reason = self._reason(history)
+        if reason:
+            self.reasons[trial_id] = reason
+            write_json(self.path, self.reasons)
+        return reason is not None
+
+    def _reason(self, history: list[dict]) -> str | None:
+        last, k = history[-1], self.patience
+        if last.get("diverged"):
+            return "diverged"
+        recent = history[-k:]
+        if len(recent) == k:
+            if all(
+                r.get("d_real", 0.5) > 1 - self.margin and r.get("d_fake", 0.5) < self.margin
+                for r in recent
+            ):
+                return "d_collapse"
+            coverage = [r.get("class_coverage_domain") for r in recent]
+            if all(c is not None and c < self.min_coverage for c in coverage):
+                return "mode_collapse"
+        fids = [r["fid_domain"] for r in history]
+        best = fids.index(min(fids))
+        if len(fids) - 1 - best >= k:
+            return "fid_worsening"
+        return None
+
+
+def _concurrency(params: Params) -> int:
+    """Trials at once: as many as the cluster's CPUs (and GPUs) fit, at most max_concurrent."""
+    import ray
+
+    resources = ray.cluster_resources()
+    per_trial = params.ray.num_workers * params.ray.cpus_per_worker
+    fit = int(resources.get("CPU", 0) // per_trial)
+    if params.ray.use_gpu is True:
+        fit = min(fit, int(resources.get("GPU", 0) // params.ray.num_workers))
+    if fit < 1:
+        raise SweepError(
+            f"a trial needs {per_trial:g} CPUs (ray.num_workers {params.ray.num_workers} x "
+            f"ray.cpus_per_worker {params.ray.cpus_per_worker}) but the cluster has "
+            f"{resources.get('CPU', 0):g}; lower them or add nodes"
+        )
+    return min(fit, params.sweep.max_concurrent or fit)
+
+
+def _scheduler(params: Params):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if params.sweep.scheduler == "asha":
+        return ASHAScheduler(
+            time_attr="step", max_t=params.train.steps,
+            grace_period=params.sweep.eval_every, reduction_factor=2,
+        )  # fmt: skip
+    if params.sweep.scheduler == "fifo":
+        return FIFOScheduler()
+    raise SweepError("sweep.scheduler 'pbt' is not available yet; use asha or fifo")
+
+
+def _search(params: Params):
+    if params.sweep.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=params.train.seed)
+    return None  # Tune's random / grid variant generator
+
+
+def run_trial(config: dict, context: dict) -> None:
+    """One trial (a Tune function trainable): a Ray Train run of the sampled configuration,
+    tracked as a child of the sweep's MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.train import _fit, _for_workers, _mlflow_run, run_identity, run_name
+
+    params = trial_params(context["base"], config, context["eval_every"])
+    dataset, trial_id = context["dataset_hash"], tune.get_context().get_trial_id()
+    name = f"{run_name(params, dataset)}-{trial_id}"  # two trials may draw the same config
+    client = MlflowClient(context["tracking_uri"])
+    tags = {
+        "mlflow.parentRunId": context["parent_run_id"],
+        SWEEP_TAG: context["sweep_name"],
+        "ganpipe.trial_id": trial_id,
+    }
+    run_id = _mlflow_run(client, params, name, dataset, tags)
+    worker_config = {
+        "params": _for_workers(params),
+        "identity": run_identity(params, dataset),
+        "tracking_uri": context["tracking_uri"],
+        "mlflow_run_id": run_id,
+        "trial_eval": context["trial_eval"],
+    }
+    _fit(params, name, context["storage"], worker_config, callbacks=[TuneReportCallback()])
+
+
+def sweep(params: Params) -> dict:
+    """Run (or resume) the sweep; write the outputs the evaluate stage reads."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from pipeline.data import check_labels_for_model
+    from pipeline.shards import verify_prepared
+    from pipeline.tracking import check_reachable, experiment_id, git_commit, tracking_uri
+    from pipeline.train import _storage_path
+
+    manifest = verify_prepared(params.prepare.out_dir, ["train"])
+    check_labels_for_model(manifest, params.model.conditional)
+    dataset = manifest["dataset_hash"]
+    name = sweep_name(params, dataset)
+    storage = _storage_path(params.ray.storage_path)
+    uri = tracking_uri(params)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    trial_eval = {
+        "eval_samples": params.sweep.eval_samples,
+        "prepared": str(Path(params.prepare.out_dir).resolve()),
+        "featurenet": str(Path(params.featurenet.out_dir).resolve()),
+        "cache_dir": str(Path(params.evaluate.cache_dir).resolve()),
+        "seed": params.evaluate.seed,
+        "dataset_hash": dataset,
+    }
+    _fill_real_cache(trial_eval)  # and fails now, not in every trial, without a featurenet
+    experiment = experiment_id(client, params.tracking.experiment)
+    parent = _parent_run(client, params, name, dataset, experiment, git_commit)
+
+    if not ray.is_initialized():
+        address = params.ray.address
+        ray.init(address=address) if address else ray.init()
+    context = {
+        "base": params.model_dump(mode="json"),
+        "eval_every": params.sweep.eval_every,
+        "dataset_hash": dataset,
+        "tracking_uri": uri,
+        "parent_run_id": parent,
+        "sweep_name": name,
+        "storage": storage,
+        "trial_eval": trial_eval,
+    }
+    context["base"]["prepare"]["out_dir"] = trial_eval["prepared"]
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, context=context), {"memory": TRIAL_MEMORY}
+    )
+    s = params.sweep
+    reasons_file = Path(storage) / f"{name}-{STOP_REASONS}"
+    stopper = InstabilityStopper(reasons_file, s.patience, s.collapse_margin, s.min_class_coverage)
+    path = Path(storage) / name
+    try:
+        if tune.Tuner.can_restore(str(path)):
+            tuner = tune.Tuner.restore(
+                str(path), trainable, resume_unfinished=True, resume_errored=True
+            )
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=tune_space(s.space),
+                tune_config=tune.TuneConfig(
+                    metric="fid_domain",
+                    mode="min",
+                    num_samples=s.num_trials,
+                    scheduler=_scheduler(params),
+                    search_alg=_search(params),
+                    max_concurrent_trials=_concurrency(params),
+                ),  # fmt: skip
+                run_config=tune.RunConfig(
+                    name=name, storage_path=storage, stop=stopper.stopper, verbose=1
+                ),
+            )
+        grid = tuner.fit()
+        # A restored sweep stops with the stopper saved in its state: read what it wrote.
+        reasons = json.loads(reasons_file.read_text()) if reasons_file.is_file() else {}
+        summary = _summarize(params, grid, reasons, name, parent, client, dataset, experiment)
+    except BaseException:
+        client.set_terminated(parent, status="KILLED")
+        raise
+    client.set_terminated(parent, status="FINISHED")
+    return summary
+
+
+def _fill_real_cache(trial_eval: dict) -> None:
+    """Compute the real train split's featurenet features once, before trials read them."""
+    from pipeline.evaluate import TrialEvaluator
+
+    evaluator = TrialEvaluator(trial_eval)
+    some = evaluator.real.images[:16].float().div(127.5).sub(1)  # any images will do
+    evaluator.scorer.score(some, evaluator.real, "train", ("fid",))
+
+
+def _parent_run(client, params, name, dataset, experiment, git_commit) -> str:
+    """The sweep's MLflow parent run: the earlier one when resuming."""
+    found = client.search_runs([experiment], f"tags.`{SWEEP_TAG}` = '{name}'", max_results=1)
+    found = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {SWEEP_TAG: name, "ganpipe.dataset_hash": dataset, "ganpipe.git_commit": git_commit()}
+    run = client.create_run(experiment, run_name=name, tags=tags)
+    client.log_param(run.info.run_id, "sweep", json.dumps(params.sweep.model_dump(mode="json")))
+    return run.info.run_id
+
+
+def _summarize(
+    params: Params, grid, reasons: dict, name: str, parent: str, client, dataset: str,
+    experiment: str,
+) -> dict:  # fmt: skip
+    """Per-trial table, stability table, candidates, best_params.yaml, MLflow stop tags."""
+    from pipeline.train import HISTORY, RESULT, SAMPLES, run_name
+
+    base = params.model_dump(mode="json")
+
+    def child_run(trial_run: str | None) -> str | None:
+        if not trial_run:
+            return None
+        query = f"tags.`ganpipe.run_name` = '{trial_run}' and tags.`{SWEEP_TAG}` = '{name}'"
+        found = client.search_runs([experiment], query, max_results=1)
+        return found[0].info.run_id if found else None
+
+    trials = []
+    for result in grid:
+        frame = result.metrics_dataframe
+        if frame is None or "fid_domain" not in frame:
+            trials.append({"trial_id": None, "config": result.config, "stop_reason": "error"})
+            continue
+        trial_id = str(frame["trial_id"].iloc[-1])
+        steps = int(frame["step"].max())
+        fids = [f for f in frame["fid_domain"] if math.isfinite(f)]
+        diverged = bool(frame.get("diverged", False).astype(bool).any())
+        reason = reasons.get(trial_id) or (
+            "diverged" if diverged else "completed" if steps >= params.train.steps
+            else "early_stopped"
+        )  # fmt: skip
+        checkpoints = [c for c in frame.get("checkpoint_path", []) if isinstance(c, str)]
+        trials.append({
+            "trial_id": trial_id,
+            "run_name": run_name(
+                trial_params(base, result.config, params.sweep.eval_every), dataset
+            ) + f"-{trial_id}",
+            "config": result.config,
+            "steps": steps,
+            "best_fid": min(fids) if fids else None,
+            "final_fid": fids[-1] if fids else None,
+            "stop_reason": reason,
+            "checkpoint": checkpoints[-1] if checkpoints else None,
+        })  # fmt: skip
+    ranked = sorted(
+        (t for t in trials if t.get("final_fid") is not None and t["stop_reason"] != "diverged"
+         and t.get("checkpoint")),
+        key=lambda t: t["final_fid"],
+    )  # fmt: skip
+    out = Path(params.train.out_dir)
+    staging = out.with_name(f".{out.name}.sweep-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "candidates").mkdir(parents=True)
+    candidates = []
+    for trial in ranked[: params.sweep.top_k]:
+        target = staging / "candidates" / trial["run_name"]
+        shutil.copytree(trial["checkpoint"], target)
+        candidates.append({
+            "name": trial["run_name"], "checkpoint": f"candidates/{trial['run_name']}",
+            "mlflow_run_id": child_run(trial["run_name"]), "diverged": False,
+            "steps": trial["steps"],
+        })  # fmt: skip
+    if ranked:
+        for file in (HISTORY, SAMPLES):
+            source = Path(ranked[0]["checkpoint"]) / file
+            if source.is_file():
+                shutil.copy(source, staging / file)
+        best = {k: v for k, v in copy.deepcopy(base).items() if k != "sweep"}
+        for key, value in ranked[0]["config"].items():
+            section, field = key.split(".", 1)
+            best[section][field] = value
+        (staging / BEST_PARAMS).write_text(yaml.safe_dump(best, sort_keys=False))
+    summary = {
+        "sweep_name": name,
+        "mlflow_run_id": parent,
+        "candidates": candidates,
+        "trials": trials,
+        "stability": stability_table(trials),
+        "trial_steps": sum(t.get("steps", 0) for t in trials),
+    }
+    write_json(staging / RESULT, summary)
+    for trial in trials:
+        run_id = child_run(trial.get("run_name"))
+        if run_id:
+            client.set_tag(run_id, STOP_TAG, trial["stop_reason"])
+            failed = trial["stop_reason"] == "diverged"
+            client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return summary
+
+
+def stability_table(trials: list[dict]) -> list[dict]:
+    """How trials ended, per loss and learning-rate decade: which settings train stably."""
+    counts: dict[tuple, dict] = {}
+    for trial in trials:
+        config = trial.get("config") or {}
+        lr = config.get("train.lr_g") or config.get("train.lr_d")
+        decade = f"1e{math.floor(math.log10(lr))}" if lr else "base"
+        key = (config.get("train.loss", "base"), decade)
+        row = counts.setdefault(key, {"loss": key[0], "lr_decade": key[1], "trials": 0})
+        row["trials"] += 1
+        row[trial["stop_reason"]] = row.get(trial["stop_reason"], 0) + 1
+    return sorted(counts.values(), key=lambda r: (r["loss"], r["lr_decade"]))

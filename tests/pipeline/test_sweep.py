@@ -1,0 +1,133 @@
+"""Ray Tune sweeps over real Ray Train trials on 8x8 digits (local Ray, 2 CPUs)."""
+
+import json
+import math
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import validate_params
+from pipeline.featurenet import train_featurenet
+from pipeline.prepare import prepare
+from pipeline.sweep import InstabilityStopper, stability_table, trial_params, tune_space
+
+
+def sweep_params(root, space, **sweep):
+    return validate_params(
+        {
+            "prepare": {"out_dir": str(root / "prepared"), "resolution": 8},
+            "model": {"g_width": 8, "d_width": 8, "z_dim": 8},
+            "train": {"steps": 40, "batch_size": 32, "out_dir": str(root / "train")},
+            "featurenet": {
+                "epochs": 8,
+                "out_dir": str(root / "featurenet"),
+                "metrics_file": str(root / "featurenet.json"),
+            },
+            "evaluate": {"cache_dir": str(root / "cache")},
+            "sweep": {"space": space, "eval_every": 20, "eval_samples": 200, **sweep},
+            "ray": {"num_workers": 1, "storage_path": str(root / "runs")},
+            "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
+        }
+    )
+
+
+def test_trial_params_apply_the_sample_and_report_at_every_evaluation():
+    base = validate_params(
+        {"sweep": {"space": {"train.lr_g": {"type": "choice", "values": [1e-4]}}}}
+    )
+    params = trial_params(base.model_dump(mode="json"), {"train.lr_g": 1e-3}, 25)
+    assert params.train.lr_g == 1e-3 and params.sweep.space == {}
+    assert params.train.log_every == params.train.checkpoint_every == 25
+
+
+def test_search_space_converts_every_dimension_type():
+    from ray.tune.search.sample import Categorical, Float
+
+    params = validate_params({"sweep": {"space": {
+        "train.lr_g": {"type": "loguniform", "low": 1e-5, "high": 1e-3},
+        "train.beta1": {"type": "uniform", "low": 0.0, "high": 0.5},
+        "train.loss": {"type": "choice", "values": ["hinge", "bce"]},
+        "model.g_width": {"type": "grid", "values": [8, 16]},
+    }}})  # fmt: skip
+    space = tune_space(params.sweep.space)
+    assert isinstance(space["train.lr_g"], Float) and isinstance(space["train.beta1"], Float)
+    assert isinstance(space["train.loss"], Categorical)
+    assert space["model.g_width"] == {"grid_search": [8, 16]}
+
+
+@pytest.mark.parametrize(
+    "results, reason",
+    [
+        ([{"fid_domain": 50.0, "diverged": True}], "diverged"),
+        ([{"fid_domain": 50.0 - i, "d_real": 0.999, "d_fake": 0.001} for i in range(3)],
+         "d_collapse"),
+        ([{"fid_domain": 50.0 - i, "class_coverage_domain": 0.2} for i in range(3)],
+         "mode_collapse"),
+        ([{"fid_domain": f} for f in (40.0, 41.0, 42.0, 43.0)], "fid_worsening"),
+        ([{"fid_domain": f, "d_real": 0.7, "d_fake": 0.3} for f in (50.0, 40.0, 30.0)], None),
+        ([{"fid_domain": 50.0, "step": s, "class_coverage_domain": 0.1} for s in (20, 40, 40)],
+         None),  # Tune repeats the last result of a trial: one evaluation, not two
+    ],
+)  # fmt: skip
+def test_stopper_labels_why_a_trial_ends(tmp_path, results, reason):
+    stopper = InstabilityStopper(tmp_path / "reasons.json", 3, 0.02, 0.5)
+    stopped = [stopper("t1", r) for r in results]
+    assert stopped[-1] == (reason is not None) and not any(stopped[:-1])
+    saved = json.loads((tmp_path / "reasons.json").read_text()) if reason else {}
+    assert saved == ({"t1": reason} if reason else {})
+
+
+def test_stability_table_counts_endings_per_loss_and_learning_rate_decade():
+    trials = [
+        {"config": {"train.loss": "hinge", "train.lr_g": 2e-4}, "stop_reason": "completed"},
+        {"config": {"train.loss": "hinge", "train.lr_g": 5e-4}, "stop_reason": "diverged"},
+        {"config": {"train.loss": "bce", "train.lr_g": 0.5}, "stop_reason": "d_collapse"},
+    ]
+    assert stability_table(trials) == [
+        {"loss": "bce", "lr_decade": "1e-1", "trials": 1, "d_collapse": 1},
+        {"loss": "hinge", "lr_decade": "1e-4", "trials": 2, "completed": 1, "diverged": 1},
+    ]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_small_sweep_hands_its_best_trials_to_evaluation(tmp_path, ray_session):
+    from pipeline.evaluate import evaluate
+    from pipeline.train import train
+
+    space = {"train.lr_g": {"type": "choice", "values": [2e-4, 1e-3]}}
+    params = sweep_params(tmp_path, space, num_trials=3, top_k=2, scheduler="fifo")
+    prepare(params)
+    train_featurenet(params)
+    summary = train(params)
+    assert len(summary["trials"]) == 3
+    for trial in summary["trials"]:
+        assert trial["stop_reason"] in ("completed", "fid_worsening"), trial
+        assert math.isfinite(trial["best_fid"]) and trial["steps"] >= 20
+    assert len(summary["candidates"]) == 2
+    result = json.loads((tmp_path / "train" / "result.json").read_text())
+    assert result["candidates"] == summary["candidates"]
+    best = yaml.safe_load((tmp_path / "train" / "best_params.yaml").read_text())
+    assert "sweep" not in best and best["train"]["lr_g"] in (2e-4, 1e-3)
+
+    client = MlflowClient(params.tracking.uri)
+    parent = client.get_run(summary["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len({c.data.tags["ganpipe.run_name"] for c in children}) >= 2  # 2 distinct configs
+    assert all("ganpipe.stop_reason" in c.data.tags for c in children)
+    assert all(
+        "eval_seconds" in c.data.metrics and "fid_domain" in c.data.metrics for c in children
+    )
+
+    report = evaluate(params)
+    assert set(report["candidates"]) == {c["name"] for c in summary["candidates"]}
