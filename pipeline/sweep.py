@@ -8,8 +8,8 @@ scheduler (ASHA, or FIFO) and the instability stopper act on image quality:
 
 - diverged:      a non-finite loss or gradient (gan.step stops every rank at the same step)
 - d_collapse:    D(x) > 1 - margin and D(G(z)) < margin for `patience` evaluations in a row
-- mode_collapse: the featurenet finds fewer than `min_class_coverage` of the classes
-                 in the samples, `patience` evaluations in a row (labeled data only)
+- mode_collapse: the share of classes the featurenet finds in the samples fell below
+                 `min_class_coverage` for `patience` evaluations in a row (labeled data only)
 - fid_worsening: no FID improvement for `patience` evaluations
 - early_stopped: ASHA ended it for being behind its rung; completed: it ran every step
 
@@ -41,7 +41,8 @@ from pipeline.files import write_json
 
 STOP_REASONS = "stop_reasons.json"
 BEST_PARAMS = "best_params.yaml"
-SWEEP_TAG = "ganpipe.sweep_name"
+SWEEP_TAG = "ganpipe.sweep_name"  # on the trials' runs
+PARENT_TAG = "ganpipe.sweep"  # on the sweep's parent run
 STOP_TAG = "ganpipe.stop_reason"
 TRIAL_MEMORY = 64 * 1024**2  # the trial driver only waits on its TorchTrainer
 
@@ -119,9 +120,10 @@ class InstabilityStopper:
                 for r in recent
             ):
                 return "d_collapse"
-            coverage = [r.get("class_coverage_domain") for r in recent]
-            if all(c is not None and c < self.min_coverage for c in coverage):
-                return "mode_collapse"
+            coverage = [r.get("class_coverage_domain") for r in history]
+            reached = any(c is not None and c >= self.min_coverage for c in coverage[:-k])
+            if reached and all(c is not None and c < self.min_coverage for c in coverage[-k:]):
+                return "mode_collapse"  # fell: an untrained generator covers few classes too
         fids = [r["fid_domain"] for r in history]
         best = fids.index(min(fids))
         if len(fids) - 1 - best >= k:
@@ -206,7 +208,7 @@ def sweep(params: Params) -> dict:
     from pipeline.data import check_labels_for_model
     from pipeline.shards import verify_prepared
     from pipeline.tracking import check_reachable, experiment_id, git_commit, tracking_uri
-    from pipeline.train import _storage_path
+    from pipeline.train import _storage_path, graceful_signals
 
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
     check_labels_for_model(manifest, params.model.conditional)
@@ -270,15 +272,30 @@ def sweep(params: Params) -> dict:
                     name=name, storage_path=storage, stop=stopper.stopper, verbose=1
                 ),
             )
-        grid = tuner.fit()
+        with graceful_signals():
+            grid = tuner.fit()
+        if _unfinished(path):  # on SIGINT Tune saves its state and returns
+            raise KeyboardInterrupt(f"sweep interrupted; `dvc repro` resumes it from {path}")
         # A restored sweep stops with the stopper saved in its state: read what it wrote.
         reasons = json.loads(reasons_file.read_text()) if reasons_file.is_file() else {}
         summary = _summarize(params, grid, reasons, name, parent, client, dataset, experiment)
-    except BaseException:
+    except (KeyboardInterrupt, SystemExit):
         client.set_terminated(parent, status="KILLED")
+        raise KeyboardInterrupt("sweep interrupted") from None
+    except BaseException:
+        client.set_terminated(parent, status="FAILED")
         raise
     client.set_terminated(parent, status="FINISHED")
     return summary
+
+
+def _unfinished(path: Path) -> list[str]:
+    """Trials the saved experiment state has not ended (the in-memory ones all read as
+    terminated after an interrupt, since Tune stops them on the way out)."""
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(path)).trials
+    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
 
 
 def _fill_real_cache(trial_eval: dict) -> None:
@@ -292,12 +309,11 @@ def _fill_real_cache(trial_eval: dict) -> None:
 
 def _parent_run(client, params, name, dataset, experiment, git_commit) -> str:
     """The sweep's MLflow parent run: the earlier one when resuming."""
-    found = client.search_runs([experiment], f"tags.`{SWEEP_TAG}` = '{name}'", max_results=1)
-    found = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    found = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{name}'", max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
-    tags = {SWEEP_TAG: name, "ganpipe.dataset_hash": dataset, "ganpipe.git_commit": git_commit()}
+    tags = {PARENT_TAG: name, "ganpipe.dataset_hash": dataset, "ganpipe.git_commit": git_commit()}
     run = client.create_run(experiment, run_name=name, tags=tags)
     client.log_param(run.info.run_id, "sweep", json.dumps(params.sweep.model_dump(mode="json")))
     return run.info.run_id

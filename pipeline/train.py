@@ -16,6 +16,7 @@ DDP choices for a GAN (both networks are wrapped separately, one `prepare_model`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -432,20 +433,15 @@ def train(params: Params, faults: dict | None = None) -> dict:
     client = MlflowClient(uri)
     run_id = _mlflow_run(client, params, name, manifest["dataset_hash"])
 
-    # Ray's fit() turns SIGINT into a graceful abort (and leaves its handler installed: put ours
-    # back after); SIGTERM is re-sent as SIGINT so it aborts the same way.
-    main_thread = threading.current_thread() is threading.main_thread()  # signals live there
-    sigint = signal.getsignal(signal.SIGINT)
-    if main_thread:
-        sigterm = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
-        result = _fit(params, name, storage, {
+        with graceful_signals():
+            result = _fit(params, name, storage, {
             "params": _for_workers(params),
             "identity": identity,
             "tracking_uri": uri,
             "mlflow_run_id": run_id,
             "faults": faults,
-        })  # fmt: skip
+            })  # fmt: skip
         diverged_at = client.get_run(run_id).data.tags.get(DIVERGED_TAG)
         reached = int(result.metrics.get("step", 0)) if result.metrics else 0
         if diverged_at is None and reached < params.train.steps:  # aborted gracefully
@@ -483,12 +479,24 @@ def train(params: Params, faults: dict | None = None) -> dict:
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, sigint)
-            signal.signal(signal.SIGTERM, sigterm)
     client.set_terminated(run_id, status="FAILED" if summary["diverged"] else "FINISHED")
     return summary
+
+
+@contextlib.contextmanager
+def graceful_signals():
+    """Ray's fit() (Train and Tune) turns SIGINT into a graceful abort and leaves its handler
+    installed: put ours back after. SIGTERM is re-sent as SIGINT so it aborts the same way."""
+    if threading.current_thread() is not threading.main_thread():  # signals live there
+        yield
+        return
+    sigint = signal.getsignal(signal.SIGINT)
+    sigterm = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def _fit(params: Params, name: str, storage: str, worker_config: dict, callbacks=()):

@@ -2,6 +2,11 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -62,8 +67,10 @@ def test_search_space_converts_every_dimension_type():
         ([{"fid_domain": 50.0, "diverged": True}], "diverged"),
         ([{"fid_domain": 50.0 - i, "d_real": 0.999, "d_fake": 0.001} for i in range(3)],
          "d_collapse"),
-        ([{"fid_domain": 50.0 - i, "class_coverage_domain": 0.2} for i in range(3)],
-         "mode_collapse"),
+        ([{"fid_domain": 50.0 - i, "class_coverage_domain": c}
+          for i, c in enumerate((0.9, 0.2, 0.2, 0.2))], "mode_collapse"),
+        ([{"fid_domain": 50.0 - i, "class_coverage_domain": 0.2} for i in range(4)],
+         None),  # never covered the classes yet: training, not collapse
         ([{"fid_domain": f} for f in (40.0, 41.0, 42.0, 43.0)], "fid_worsening"),
         ([{"fid_domain": f, "d_real": 0.7, "d_fake": 0.3} for f in (50.0, 40.0, 30.0)], None),
         ([{"fid_domain": 50.0, "step": s, "class_coverage_domain": 0.1} for s in (20, 40, 40)],
@@ -156,3 +163,54 @@ def test_a_sweep_labels_a_diverging_trial_and_hands_the_best_to_evaluation(
 
     report = evaluate(params)
     assert set(report["candidates"]) == names
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, prepared_root):
+    """SIGINT after the first trial finished and the second has a checkpoint; a new driver
+    (`dvc repro` again) restores the sweep: the first trial is not run again, the second
+    continues in the same MLflow run."""
+    space = {"train.lr_g": {"type": "grid", "values": [2e-4, 5e-4]}}
+    params = sweep_params(prepared_root, space, num_trials=1, top_k=1, max_concurrent=1)
+    tree = params.model_dump(mode="json")
+    tree["train"] |= {"steps": 60, "out_dir": str(tmp_path / "train")}
+    tree["ray"]["storage_path"] = str(tmp_path / "runs")
+    tree["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(json.dumps(tree))
+    command = [sys.executable, "-m", "pipeline", "train"]
+    process = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+    def steps_by_trial():
+        found = {}
+        for state in (tmp_path / "runs").glob("gan-*/checkpoint_*/state.json"):
+            run = state.parent.parent.name
+            found[run] = max(found.get(run, 0), json.loads(state.read_text())["step"])
+        return found
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        done = steps_by_trial()
+        if sorted(done.values()) in ([20, 60], [40, 60]):
+            break
+        time.sleep(0.5)
+    os.kill(process.pid, signal.SIGINT)
+    process.wait(timeout=120)
+    assert process.returncode == 130, process.stderr.read()[-3000:]
+    before = steps_by_trial()
+    (finished,) = [run for run, step in before.items() if step == 60]
+    finished_files = sorted(p.name for p in (tmp_path / "runs" / finished).iterdir())
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((tmp_path / "train" / "result.json").read_text())
+    assert [t["stop_reason"] for t in summary["trials"]] == ["completed", "completed"]
+    assert sorted(p.name for p in (tmp_path / "runs" / finished).iterdir()) == finished_files
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ganpipe").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED"
