@@ -105,6 +105,24 @@ def ray_session():
     ray.shutdown()
 
 
+def test_trials_at_once_never_ask_for_more_cpus_than_the_cluster_has(tmp_path, ray_session):
+    from pipeline.errors import SweepError
+    from pipeline.sweep import _concurrency
+
+    space = {"train.lr_g": {"type": "choice", "values": [1e-4]}}
+
+    def at_once(workers, **sweep):
+        params = sweep_params(tmp_path, space, **sweep)
+        return _concurrency(params.model_copy(update={"ray": params.ray.model_copy(
+            update={"num_workers": workers})}))  # fmt: skip
+
+    assert at_once(1) == 2  # 2 CPUs, one per trial
+    assert at_once(1, max_concurrent=1) == 1
+    assert at_once(2) == 1  # a 2-worker trial takes both CPUs
+    with pytest.raises(SweepError, match="a trial needs 3 CPUs .* the cluster has 2"):
+        at_once(3)
+
+
 @pytest.fixture(scope="module")
 def prepared_root(tmp_path_factory):
     """Prepared digits and a featurenet, shared by the sweeps below."""
