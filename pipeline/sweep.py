@@ -131,6 +131,19 @@ class InstabilityStopper:
         return None
 
 
+def _trial_resources(params: Params) -> dict:
+    """A Train-in-Tune trial's driver only waits on its TorchTrainer (whose workers ask for
+    the CPUs); a PBT trial trains in its own process and needs a worker's share."""
+    import ray
+
+    if params.sweep.scheduler != "pbt":
+        return {"memory": TRIAL_MEMORY}
+    use_gpu = params.ray.use_gpu
+    if use_gpu == "auto":
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    return {"cpu": params.ray.cpus_per_worker, "gpu": 1 if use_gpu else 0}
+
+
 def _concurrency(params: Params) -> int:
     """Trials at once: as many as the cluster's CPUs (and GPUs) fit, at most max_concurrent."""
     import ray
@@ -150,16 +163,20 @@ def _concurrency(params: Params) -> int:
 
 
 def _scheduler(params: Params):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
-    if params.sweep.scheduler == "asha":
+    s = params.sweep
+    if s.scheduler == "asha":
         return ASHAScheduler(
-            time_attr="step", max_t=params.train.steps,
-            grace_period=params.sweep.eval_every, reduction_factor=2,
+            time_attr="step", max_t=params.train.steps, grace_period=s.eval_every,
+            reduction_factor=2,
         )  # fmt: skip
-    if params.sweep.scheduler == "fifo":
+    if s.scheduler == "fifo":
         return FIFOScheduler()
-    raise SweepError("sweep.scheduler 'pbt' is not available yet; use asha or fifo")
+    space = tune_space({k: d for k, d in s.space.items() if not isinstance(d, Grid)})
+    return PopulationBasedTraining(
+        time_attr="step", perturbation_interval=s.eval_every, hyperparam_mutations=space,
+    )  # fmt: skip
 
 
 def _search(params: Params):
@@ -172,12 +189,21 @@ def _search(params: Params):
 
 def run_trial(config: dict, context: dict) -> None:
     """One trial (a Tune function trainable): a Ray Train run of the sampled configuration,
-    tracked as a child of the sweep's MLflow run."""
+    tracked as a child of the sweep's MLflow run. Under PBT the trial is the training loop
+    itself, in this process (Ray's PBT cannot exploit Train runs)."""
     from mlflow.tracking import MlflowClient
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.train import _fit, _for_workers, _mlflow_run, run_identity, run_name
+    from pipeline.train import (
+        TuneSession,
+        _fit,
+        _for_workers,
+        _mlflow_run,
+        run_identity,
+        run_name,
+        train_loop,
+    )
 
     params = trial_params(context["base"], config, context["eval_every"])
     dataset, trial_id = context["dataset_hash"], tune.get_context().get_trial_id()
@@ -195,8 +221,12 @@ def run_trial(config: dict, context: dict) -> None:
         "tracking_uri": context["tracking_uri"],
         "mlflow_run_id": run_id,
         "trial_eval": context["trial_eval"],
+        "pbt": context["pbt"],
     }
-    _fit(params, name, context["storage"], worker_config, callbacks=[TuneReportCallback()])
+    if context["pbt"]:
+        train_loop(worker_config, TuneSession())
+    else:
+        _fit(params, name, context["storage"], worker_config, callbacks=[TuneReportCallback()])
 
 
 def sweep(params: Params) -> dict:
@@ -242,10 +272,11 @@ def sweep(params: Params) -> dict:
         "sweep_name": name,
         "storage": storage,
         "trial_eval": trial_eval,
+        "pbt": params.sweep.scheduler == "pbt",
     }
     context["base"]["prepare"]["out_dir"] = trial_eval["prepared"]
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, context=context), {"memory": TRIAL_MEMORY}
+        tune.with_parameters(run_trial, context=context), _trial_resources(params)
     )
     s = params.sweep
     reasons_file = Path(storage) / f"{name}-{STOP_REASONS}"
@@ -350,6 +381,8 @@ def _summarize(
             else "early_stopped"
         )  # fmt: skip
         checkpoints = [c for c in frame.get("checkpoint_path", []) if isinstance(c, str)]
+        if result.checkpoint is not None:  # a PBT trial's own (Tune-managed) checkpoint
+            checkpoints.append(result.checkpoint.path)
         trials.append({
             "trial_id": trial_id,
             "run_name": run_name(

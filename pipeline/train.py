@@ -121,16 +121,73 @@ def weights_agree(modules) -> bool:
     return bool(torch.equal(low, high))
 
 
-def train_worker(config: dict) -> None:
-    """Ray Train's train_loop_per_worker: restore, train, report, checkpoint (rank 0)."""
-    import ray.train
-    import ray.train.torch
+class TrainSession:
+    """Where the loop runs: a Ray Train worker (DDP across ranks). `TuneSession` runs the same
+    loop as a plain single-process Tune trial (what Population Based Training needs)."""
 
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        ddp = {"forward_sync_buffers": True, "find_unused_parameters": False}
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=ddp)
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict, directory: Path | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneSession:
+    """One process, one rank: a Tune function trainable reports and restores itself."""
+
+    rank, world = 0, 1
+
+    def __init__(self):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module.to(self.device)
+
+    def checkpoint(self):
+        from ray import tune
+
+        return tune.get_checkpoint()
+
+    def report(self, metrics: dict, directory: Path | None = None) -> None:
+        from ray import tune
+
+        checkpoint = tune.Checkpoint.from_directory(directory) if directory else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's train_loop_per_worker."""
+    train_loop(config, TrainSession())
+
+
+def train_loop(config: dict, session) -> None:
+    """Restore, train, report and checkpoint (rank 0) in a TrainSession or TuneSession.
+
+    With config["pbt"], a restored checkpoint may come from another trial with other
+    hyperparameters (Population Based Training's exploit): it is not checked against this
+    run's identity, and the optimisers take this trial's (mutated) learning rates and betas."""
     params = Params.model_validate(config["params"])
     t = params.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     data = PreparedSplit(params.prepare.out_dir, "train")
     num_classes = len(data.class_names) if params.model.conditional else 0
 
@@ -138,9 +195,7 @@ def train_worker(config: dict) -> None:
     g, d = build_models(params, data.shape, num_classes)
     if _enabled(t.channels_last, device):
         g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
-    ddp = {"forward_sync_buffers": True, "find_unused_parameters": False}
-    g = ray.train.torch.prepare_model(g, parallel_strategy_kwargs=ddp)
-    d = ray.train.torch.prepare_model(d, parallel_strategy_kwargs=ddp)
+    g, d = session.prepare(g), session.prepare(d)
     if t.compile:
         g, d = torch.compile(g), torch.compile(d)
     betas = (t.beta1, t.beta2)
@@ -159,11 +214,14 @@ def train_worker(config: dict) -> None:
         _tag(config, "ganpipe.num_nodes", str(len(set(nodes))))
 
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             saved = load_checkpoint(Path(directory), modules, optimizers)
-            check_same_run(saved.params, identity)
+            if config.get("pbt"):
+                _apply_hyperparameters(state, t)
+            else:
+                check_same_run(saved.params, identity)
             start = saved.step
             history = _read_history(Path(directory) / HISTORY)
     consumed = start * t.n_critic
@@ -192,7 +250,7 @@ def train_worker(config: dict) -> None:
                     _mark_diverged(config, exc)
                 # A sweep's scheduler needs its metric in every result: the worst there is.
                 worst = {"fid_domain": float("inf")} if sweep_eval else {}
-                ray.train.report({"step": step, "diverged": True, **worst})
+                session.report({"step": step, "diverged": True, **worst})
                 return
             images += t.batch_size * t.n_critic * world
             done = step + 1
@@ -227,17 +285,19 @@ def train_worker(config: dict) -> None:
                     )
                     if config.get("mlflow_run_id"):
                         _log_artifact(config, grid, f"samples/step_{done:07d}.png")
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(to_save / "ckpt")
-                if to_save
-                else None,
-            )
+            session.report(metrics, to_save / "ckpt" if to_save else None)
             if to_save:
                 shutil.rmtree(to_save, ignore_errors=True)
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+def _apply_hyperparameters(state: GANTrainState, t) -> None:
+    """Optimiser settings from params, over those a restored checkpoint brought along."""
+    for optimizer, lr in ((state.opt_g, t.lr_g), (state.opt_d, t.lr_d)):
+        for group in optimizer.param_groups:
+            group["lr"], group["betas"] = lr, (t.beta1, t.beta2)
 
 
 def _system_metrics(config: dict):

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -232,3 +233,40 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_population_based_training_exploits_checkpoints_with_the_new_learning_rates(
+    tmp_path, prepared_root, ray_session
+):
+    from pipeline.train import train
+
+    space = {"train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 2e-3}}
+    params = sweep_params(prepared_root, space, num_trials=4, top_k=2, scheduler="pbt")
+    tree = params.model_dump(mode="json")
+    tree["train"] |= {"steps": 80, "out_dir": str(tmp_path / "train")}
+    tree["ray"]["storage_path"] = str(tmp_path / "runs")
+    summary = train(validate_params(tree))
+    assert len(summary["trials"]) == 4 and len(summary["candidates"]) == 2
+    assert all(t["steps"] == 80 for t in summary["trials"])
+    exploits = list((tmp_path / "runs").rglob("pbt_policy_*.txt"))
+    assert exploits, "PBT never exploited a better trial"
+
+
+def test_an_exploited_checkpoint_trains_on_with_this_trials_learning_rates(tmp_path):
+    """PBT's trap: restoring an optimiser state dict brings the source trial's lr along."""
+    from gan.ema import GeneratorEMA
+    from gan.step import GANTrainState
+    from pipeline.train import _apply_hyperparameters
+
+    params = validate_params({"train": {"lr_g": 3e-4, "lr_d": 5e-4, "beta1": 0.5}})
+    g, d = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    state = GANTrainState(
+        g, d, torch.optim.Adam(g.parameters(), 1e-2), torch.optim.Adam(d.parameters(), 1e-2),
+        GeneratorEMA(g, 0.9),
+    )  # fmt: skip
+    source = torch.optim.Adam(g.parameters(), 7e-3, betas=(0.1, 0.2)).state_dict()
+    state.opt_g.load_state_dict(source)  # what restoring the better trial's checkpoint does
+    _apply_hyperparameters(state, params.train)
+    assert [(grp["lr"], grp["betas"]) for grp in state.opt_g.param_groups] == [(3e-4, (0.5, 0.9))]
+    assert [(grp["lr"], grp["betas"]) for grp in state.opt_d.param_groups] == [(5e-4, (0.5, 0.9))]
