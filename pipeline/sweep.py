@@ -131,6 +131,20 @@ class InstabilityStopper:
         return None
 
 
+def _check_stoppable(params: Params) -> None:
+    """A Train-in-Tune trial that Tune stops early (ASHA, the stopper) releases its workers
+    only when Ray runs its dashboard (ray[default]); without it the next trials wait forever
+    for CPUs (seen with Ray 2.60). Refuse that instead of hanging."""
+    from ray._private.worker import get_dashboard_url
+
+    if params.sweep.scheduler != "pbt" and not get_dashboard_url():
+        raise SweepError(
+            "this Ray cluster runs without its dashboard, so trials stopped early would keep "
+            "their CPUs and the sweep would hang; start Ray with the dashboard (install "
+            "ray[default]; do not pass include_dashboard=False / --include-dashboard=false)"
+        )
+
+
 def _trial_resources(params: Params) -> dict:
     """A Train-in-Tune trial's driver only waits on its TorchTrainer (whose workers ask for
     the CPUs); a PBT trial trains in its own process and needs a worker's share."""
@@ -263,6 +277,7 @@ def sweep(params: Params) -> dict:
     if not ray.is_initialized():
         address = params.ray.address
         ray.init(address=address) if address else ray.init()
+    _check_stoppable(params)
     context = {
         "base": params.model_dump(mode="json"),
         "eval_every": params.sweep.eval_every,

@@ -99,3 +99,29 @@ def test_a_second_repro_is_a_no_op_and_a_protocol_change_reruns_only_evaluation(
     assert any(k.endswith(".fid_domain") for k in changes)
     registered = json.loads((root / "models" / "register" / "registered.json").read_text())
     assert registered["version"] in (1, "1"), "the same weights registered again"
+
+
+def test_a_sweep_through_dvc_repro_hands_its_best_trials_to_evaluate_and_register(project):
+    root, sh, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["steps"] = 300
+    params["ray"]["num_workers"] = 1
+    params["sweep"] = {
+        "space": {"train.lr_g": {"type": "grid", "values": [1e-4, 2e-4, 4e-4, 8e-4]}},
+        "num_trials": 1, "top_k": 2, "scheduler": "asha", "eval_every": 100,
+        "eval_samples": 500,
+    }  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    swept = sh(sys.executable, "-m", "dvc", "repro")
+    ran = [line.split("'")[1] for line in swept.stdout.splitlines() if "Running stage" in line]
+    assert ran == ["train", "evaluate", "register"]
+    result = json.loads((root / "models" / "train" / "result.json").read_text())
+    assert len(result["trials"]) == 4 and len(result["candidates"]) == 2
+    assert all(t["stop_reason"] in ("completed", "early_stopped", "fid_worsening")
+               for t in result["trials"])  # fmt: skip
+    assert (root / "models" / "train" / "best_params.yaml").is_file()
+    evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert set(evaluated["candidates"]) == {c["name"] for c in result["candidates"]}
+    registered = json.loads((root / "models" / "register" / "registered.json").read_text())
+    assert registered["candidate"] in evaluated["candidates"]
+    assert "challenger" in registered["aliases"]

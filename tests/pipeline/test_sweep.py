@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,7 +102,7 @@ def test_stability_table_counts_endings_per_loss_and_learning_rate_decade():
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, log_to_driver=False)  # with its dashboard: see _check_stoppable
     yield
     ray.shutdown()
 
@@ -270,3 +271,24 @@ def test_an_exploited_checkpoint_trains_on_with_this_trials_learning_rates(tmp_p
     _apply_hyperparameters(state, params.train)
     assert [(grp["lr"], grp["betas"]) for grp in state.opt_g.param_groups] == [(3e-4, (0.5, 0.9))]
     assert [(grp["lr"], grp["betas"]) for grp in state.opt_d.param_groups] == [(5e-4, (0.5, 0.9))]
+
+
+def test_a_ray_without_its_dashboard_is_refused_instead_of_hanging(tmp_path):
+    code = (
+        "import ray, sys\n"
+        "from pipeline.errors import SweepError\n"
+        "from pipeline.sweep import _check_stoppable\n"
+        "from tests.pipeline.test_sweep import sweep_params\n"
+        "from pathlib import Path\n"
+        "ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        "space = {'train.lr_g': {'type': 'choice', 'values': [1e-4]}}\n"
+        "try:\n"
+        "    _check_stoppable(sweep_params(Path(sys.argv[1]), space))\n"
+        "except SweepError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert "runs without its dashboard" in out.stdout, out.stderr[-2000:]
