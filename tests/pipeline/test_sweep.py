@@ -292,3 +292,22 @@ def test_a_ray_without_its_dashboard_is_refused_instead_of_hanging(tmp_path):
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert "runs without its dashboard" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_optuna_search_proposes_the_trials(tmp_path, prepared_root, ray_session):
+    from pipeline.train import train
+
+    space = {
+        "train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
+        "train.loss": {"type": "choice", "values": ["hinge", "bce"]},
+    }
+    params = sweep_params(prepared_root, space, num_trials=2, top_k=1, search="optuna")
+    tree = params.model_dump(mode="json")
+    tree["train"] |= {"steps": 20, "out_dir": str(tmp_path / "train")}
+    tree["ray"]["storage_path"] = str(tmp_path / "runs")
+    summary = train(validate_params(tree))
+    configs = [t["config"] for t in summary["trials"]]
+    assert len(configs) == 2 and configs[0] != configs[1]
+    assert all(1e-4 <= c["train.lr_g"] <= 1e-3 and c["train.loss"] in ("hinge", "bce")
+               for c in configs)  # fmt: skip
