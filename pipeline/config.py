@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping
@@ -220,6 +221,12 @@ class SweepParams(Section):
         0.5, ge=0, le=1, description="mode collapse: share of classes the featurenet finds"
     )
 
+    @property
+    def total_trials(self) -> int:
+        """Tune runs num_trials samples for every combination of grid values."""
+        combinations = math.prod(len(d.values) for d in self.space.values() if isinstance(d, Grid))
+        return self.num_trials * combinations
+
     @field_validator("space")
     @classmethod
     def _tunable_keys(cls, space: dict[str, Any]) -> dict[str, Any]:
@@ -418,9 +425,10 @@ class Params(Section):
     def _check_sweep(self) -> None:
         """The sweep fits the run, and every value it can draw gives a valid configuration."""
         sweep = self.sweep
-        if sweep.top_k > sweep.num_trials:
+        if sweep.top_k > sweep.total_trials:
             raise _inconsistent(
-                f"sweep.top_k ({sweep.top_k}) must not exceed sweep.num_trials ({sweep.num_trials})"
+                f"sweep.top_k ({sweep.top_k}) must not exceed the {sweep.total_trials} trials "
+                f"(sweep.num_trials {sweep.num_trials} x every grid combination)"
             )
         if sweep.eval_every > self.train.steps:
             raise _inconsistent(

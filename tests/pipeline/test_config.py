@@ -124,8 +124,8 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
             ["sweep.space.train.lr_g.lo: unknown key", "did you mean 'low'"],
         ),
         (
-            {"sweep": {"top_k": 9, "space": {"train.seed": {"type": "grid", "values": [0, 1]}}}},
-            ["sweep.top_k (9) must not exceed sweep.num_trials (8)"],
+            {"sweep": {"top_k": 17, "space": {"train.seed": {"type": "grid", "values": [0, 1]}}}},
+            ["sweep.top_k (17) must not exceed the 16 trials (sweep.num_trials 8 x every grid"],
         ),
         (
             {

@@ -234,7 +234,7 @@ def test_class_figures_reward_samples_of_the_conditioning_class_only(scored):
     test_pixels, test_labels = PreparedSplit(root / "prepared", "test").read()
     spec = GeneratorSpec("dcgan", 1, 8, 8, 8, num_classes=10)
     extractors, _ = _extractors(params, read_featurenet_info(root / "featurenet"))
-    scorer = Scorer(params, extractors, read_manifest(root / "prepared")["dataset_hash"])
+    scorer = Scorer(c, extractors, read_manifest(root / "prepared")["dataset_hash"])
     figures = {}
     for offset in (0, 1):
         oracle = Oracle(pixels, labels, offset)

@@ -243,7 +243,9 @@ def test_population_based_training_exploits_checkpoints_with_the_new_learning_ra
     from pipeline.train import train
 
     space = {"train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 2e-3}}
-    params = sweep_params(prepared_root, space, num_trials=4, top_k=2, scheduler="pbt")
+    params = sweep_params(  # patience: no trial is stopped, every one has to reach the end
+        prepared_root, space, num_trials=4, top_k=2, scheduler="pbt", patience=100
+    )
     tree = params.model_dump(mode="json")
     tree["train"] |= {"steps": 80, "out_dir": str(tmp_path / "train")}
     tree["ray"]["storage_path"] = str(tmp_path / "runs")
