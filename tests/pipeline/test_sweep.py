@@ -247,11 +247,12 @@ def test_population_based_training_exploits_checkpoints_with_the_new_learning_ra
         prepared_root, space, num_trials=4, top_k=2, scheduler="pbt", patience=100
     )
     tree = params.model_dump(mode="json")
-    tree["train"] |= {"steps": 80, "out_dir": str(tmp_path / "train")}
-    tree["ray"]["storage_path"] = str(tmp_path / "runs")
+    tree["train"] |= {"steps": 100, "out_dir": str(tmp_path / "train")}
+    # The population must train side by side to compare: 4 half-CPU trials on 2 CPUs.
+    tree["ray"] |= {"storage_path": str(tmp_path / "runs"), "cpus_per_worker": 0.5}
     summary = train(validate_params(tree))
     assert len(summary["trials"]) == 4 and len(summary["candidates"]) == 2
-    assert all(t["steps"] == 80 for t in summary["trials"])
+    assert all(t["steps"] == 100 for t in summary["trials"])
     exploits = list((tmp_path / "runs").rglob("pbt_policy_*.txt"))
     assert exploits, "PBT never exploited a better trial"
 
