@@ -53,7 +53,7 @@ from pipeline.fidelity import (
     quantize,
     real_images,
 )
-from pipeline.files import replace_dir, staging_dir, write_json
+from pipeline.files import replace_entries, staging_dir, write_json
 from pipeline.shards import verify_prepared
 from pipeline.tracking import check_reachable, json_tag, tracking_uri
 
@@ -156,7 +156,7 @@ def evaluate(params: Params) -> dict:
             "timings": timings,
         }
         _log_to_runs(uri, report, staging)
-        replace_dir(staging, Path(c.out_dir))
+        replace_entries(staging, Path(c.out_dir))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_json(c.metrics_file, report)

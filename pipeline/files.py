@@ -34,6 +34,18 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def replace_entries(staging: Path, target: Path) -> None:
+    """Move every file and directory of `staging` into `target`, each replacing its
+    namesake; other entries of `target` (DVC's .gitignore) stay. `staging` is removed."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in staging.iterdir():
+        if entry.is_dir():
+            replace_dir(entry, target / entry.name)
+        else:
+            entry.replace(target / entry.name)
+    staging.rmdir()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
     """A temporary path beside `path` to write to; it becomes `path` when the block succeeds

@@ -37,7 +37,7 @@ import yaml
 
 from pipeline.config import Choice, Grid, Params, Uniform
 from pipeline.errors import SweepError
-from pipeline.files import write_json
+from pipeline.files import replace_entries, write_json
 
 STOP_REASONS = "stop_reasons.json"
 BEST_PARAMS = "best_params.yaml"
@@ -453,9 +453,7 @@ def _summarize(
             client.set_tag(run_id, STOP_TAG, trial["stop_reason"])
             failed = trial["stop_reason"] == "diverged"
             client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_entries(staging, out)
     return summary
 
 

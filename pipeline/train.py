@@ -594,20 +594,24 @@ def _fit(params: Params, name: str, storage: str, worker_config: dict, callbacks
 
 def _write_outputs(out: Path, result, summary: dict, params: Params) -> None:
     """result.json, the final checkpoint, the history, the last sample grid and the params
-    (best_params.yaml: a single run's are its own; a sweep writes its best trial's)."""
+    (best_params.yaml: a single run's are its own; a sweep writes its best trial's), each
+    replacing its earlier version only once all are written."""
     import yaml
 
+    from pipeline.files import replace_entries, staging_dir
     from pipeline.sweep import BEST_PARAMS
 
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    tree = params.model_dump(mode="json", exclude={"sweep"})
-    (out / BEST_PARAMS).write_text(yaml.safe_dump(tree, sort_keys=False))
-    if result.checkpoint:
-        with result.checkpoint.as_directory() as directory:
-            shutil.copytree(directory, out / CANDIDATES / summary["run_name"])
-            for name in (HISTORY, SAMPLES):
-                if (Path(directory) / name).is_file():
-                    shutil.copy(Path(directory) / name, out / name)
-    (out / RESULT).write_text(json.dumps(summary, indent=2) + "\n")
+    staging = staging_dir(out)
+    try:
+        tree = params.model_dump(mode="json", exclude={"sweep"})
+        (staging / BEST_PARAMS).write_text(yaml.safe_dump(tree, sort_keys=False))
+        if result.checkpoint:
+            with result.checkpoint.as_directory() as directory:
+                shutil.copytree(directory, staging / CANDIDATES / summary["run_name"])
+                for name in (HISTORY, SAMPLES):
+                    if (Path(directory) / name).is_file():
+                        shutil.copy(Path(directory) / name, staging / name)
+        (staging / RESULT).write_text(json.dumps(summary, indent=2) + "\n")
+        replace_entries(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -173,7 +173,9 @@ def test_real_features_are_cached_once_per_dataset_extractor_and_split(scored):
     cached = sorted(p.name for p in (root / "cache").iterdir())
     assert any(n.startswith(f"{dataset}-train-") and "features-features" in n for n in cached)
     before = {p.name: p.stat().st_mtime_ns for p in (root / "cache").iterdir()}
+    (root / "evaluate" / ".gitignore").write_text("/samples\n")  # as DVC writes it
     again = evaluate(params)
+    assert (root / "evaluate" / ".gitignore").read_text() == "/samples\n"  # left alone
     after = {p.name: p.stat().st_mtime_ns for p in (root / "cache").iterdir()}
     assert after == before, "a second evaluation recomputed cached real features"
     assert again["candidates"]["plain"]["fid_domain"] == report["candidates"]["plain"]["fid_domain"]
