@@ -37,7 +37,7 @@ import yaml
 
 from pipeline.config import Choice, Grid, Params, Uniform
 from pipeline.errors import SweepError
-from pipeline.files import replace_entries, write_json
+from pipeline.files import replace_entries, staging_dir, write_json
 
 STOP_REASONS = "stop_reasons.json"
 BEST_PARAMS = "best_params.yaml"
@@ -370,7 +370,7 @@ def _summarize(
     experiment: str,
 ) -> dict:  # fmt: skip
     """Per-trial table, stability table, candidates, best_params.yaml, MLflow stop tags."""
-    from pipeline.train import HISTORY, RESULT, SAMPLES, run_name
+    from pipeline.train import CANDIDATES, run_name
 
     base = params.model_dump(mode="json")
 
@@ -415,29 +415,19 @@ def _summarize(
          and t.get("checkpoint")),
         key=lambda t: t["final_fid"],
     )  # fmt: skip
-    out = Path(params.train.out_dir)
-    staging = out.with_name(f".{out.name}.sweep-tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "candidates").mkdir(parents=True)
-    candidates = []
-    for trial in ranked[: params.sweep.top_k]:
-        target = staging / "candidates" / trial["run_name"]
-        shutil.copytree(trial["checkpoint"], target)
-        candidates.append({
-            "name": trial["run_name"], "checkpoint": f"candidates/{trial['run_name']}",
-            "mlflow_run_id": child_run(trial["run_name"]), "diverged": False,
-            "steps": trial["steps"],
-        })  # fmt: skip
-    if ranked:
-        for file in (HISTORY, SAMPLES):
-            source = Path(ranked[0]["checkpoint"]) / file
-            if source.is_file():
-                shutil.copy(source, staging / file)
-        best = {k: v for k, v in copy.deepcopy(base).items() if k != "sweep"}
-        for key, value in ranked[0]["config"].items():
-            section, field = key.split(".", 1)
-            best[section][field] = value
-        (staging / BEST_PARAMS).write_text(yaml.safe_dump(best, sort_keys=False))
+    for trial in trials:
+        run_id = child_run(trial.get("run_name"))
+        if run_id:
+            client.set_tag(run_id, STOP_TAG, trial["stop_reason"])
+            failed = trial["stop_reason"] == "diverged"
+            client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    candidates = [
+        {
+            "name": t["run_name"], "checkpoint": f"{CANDIDATES}/{t['run_name']}",
+            "mlflow_run_id": child_run(t["run_name"]), "diverged": False, "steps": t["steps"],
+        }
+        for t in ranked[: params.sweep.top_k]
+    ]  # fmt: skip
     summary = {
         "sweep_name": name,
         "mlflow_run_id": parent,
@@ -446,15 +436,34 @@ def _summarize(
         "stability": stability_table(trials),
         "trial_steps": sum(t.get("steps", 0) for t in trials),
     }
-    write_json(staging / RESULT, summary)
-    for trial in trials:
-        run_id = child_run(trial.get("run_name"))
-        if run_id:
-            client.set_tag(run_id, STOP_TAG, trial["stop_reason"])
-            failed = trial["stop_reason"] == "diverged"
-            client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
-    replace_entries(staging, out)
+    _write_outputs(Path(params.train.out_dir), summary, ranked, base)
     return summary
+
+
+def _write_outputs(out: Path, summary: dict, ranked: list[dict], base: dict) -> None:
+    """Candidates, the best trial's history, grid and params, and result.json, each replacing
+    its earlier version only once all are written."""
+    from pipeline.train import CANDIDATES, HISTORY, RESULT, SAMPLES
+
+    staging = staging_dir(out)
+    try:
+        (staging / CANDIDATES).mkdir()
+        for candidate, trial in zip(summary["candidates"], ranked, strict=False):
+            shutil.copytree(trial["checkpoint"], staging / candidate["checkpoint"])
+        if ranked:
+            for file in (HISTORY, SAMPLES):
+                source = Path(ranked[0]["checkpoint"]) / file
+                if source.is_file():
+                    shutil.copy(source, staging / file)
+            best = {k: v for k, v in copy.deepcopy(base).items() if k != "sweep"}
+            for key, value in ranked[0]["config"].items():
+                section, field = key.split(".", 1)
+                best[section][field] = value
+            (staging / BEST_PARAMS).write_text(yaml.safe_dump(best, sort_keys=False))
+        write_json(staging / RESULT, summary)
+        replace_entries(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def stability_table(trials: list[dict]) -> list[dict]:
