@@ -7,7 +7,7 @@ then ASHA with the stopper on. Prints, per sweep, the compute spent (trial-steps
 best FID any trial reached, and the ratios (target: ASHA within 10% of the baseline's best
 FID with at most 40% of its compute).
 
-    python bench/sweep_stopping.py [--steps 600] [--eval-every 100]
+    python bench/sweep_stopping.py [--steps 600] [--eval-every 100] [--reduction-factor 4]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pipeline.prepare import prepare
 from pipeline.sweep import sweep
 
 GRID = {
-    "train.lr_g": {"type": "grid", "values": [5e-5, 2e-4, 1e-3, 5e-3]},
+    "train.lr_g": {"type": "grid", "values": [3e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2]},
     "train.loss": {"type": "grid", "values": ["hinge", "bce"]},
 }
 
@@ -60,17 +60,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--reduction-factor", type=int, default=4)
     args = parser.parse_args()
     ray.init(log_to_driver=False)  # with the dashboard: sweeps need it (pipeline.sweep)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         full = run(root, "fifo", args.steps, args.eval_every, scheduler="fifo", patience=10**6)
-        asha = run(root, "asha", args.steps, args.eval_every, scheduler="asha")
+        asha = run(
+            root, "asha", args.steps, args.eval_every, scheduler="asha",
+            reduction_factor=args.reduction_factor,
+        )  # fmt: skip
     for name, figures in (("no stopping (FIFO)", full), ("ASHA + stopper", asha)):
         print(
             f"{name:20s} trial-steps {figures['trial_steps']:6d}  best FID "
             f"{figures['best_fid']:7.2f}  wall {figures['seconds']:6.1f} s  {figures['endings']}"
         )
+    print(f"{len(full['endings'])} trials, {args.steps} steps, ASHA reduction factor "
+          f"{args.reduction_factor}, grace = eval_every = {args.eval_every}")
     print(
         f"ASHA: {asha['trial_steps'] / full['trial_steps']:.0%} of the compute, best FID "
         f"{asha['best_fid'] / full['best_fid'] - 1:+.1%} against no stopping"

@@ -76,13 +76,13 @@ class PrepareParams(Section):
     )
     raw_dir: str = Field("data/raw", description="where downloaded datasets are kept")
     out_dir: str = Field("data/prepared", description="the Parquet shards and manifest")
-    channels: Literal[1, 3] = 1
+    channels: Literal[1, 3] = Field(1, description="1: grayscale, 3: RGB; images are converted")
     resolution: Int = Field(16, ge=8, le=1024, description="square side; a power of two")
     test_fraction: Float = Field(
         0.2, gt=0, lt=1, description="held-out share when the source has no test split"
     )
     shard_rows: Int = Field(512, ge=1, description="images per Parquet shard")
-    seed: Int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, description="seeds the train/test split")
 
     @field_validator("channels", mode="before")
     @classmethod
@@ -127,21 +127,23 @@ class ModelParams(Section):
     d_width: Int = Field(64, ge=1, le=4096, description="D base channels (hidden units for mlp)")
     mlp_depth: Int = Field(3, ge=1, le=16, description="hidden layers of the mlp family")
     d_norm: DNorm = Field("none", description="normalisation in the DCGAN discriminator")
-    spectral_norm_d: Bool = True
-    spectral_norm_g: Bool = False
+    spectral_norm_d: Bool = Field(True, description="spectral normalisation in D (SNGAN)")
+    spectral_norm_g: Bool = Field(False, description="spectral normalisation in G")
 
 
 class TrainParams(Section):
     """Optimisation, regularisation, checkpoints (the `train` stage)."""
 
-    loss: LossName = "hinge"
+    loss: LossName = Field(
+        "hinge", description="bce (non-saturating), lsgan (least squares), hinge, wasserstein"
+    )
     steps: Int = Field(2000, ge=1, description="generator updates")
     batch_size: Int = Field(64, ge=1, description="images per worker per D update")
     global_batch_size: Int | None = Field(
         None, ge=1, description="batch_size x ray.num_workers; set it to have that checked"
     )
-    lr_g: Float = Field(2e-4, gt=0, le=1)
-    lr_d: Float = Field(2e-4, gt=0, le=1)
+    lr_g: Float = Field(2e-4, gt=0, le=1, description="Adam learning rate of G")
+    lr_d: Float = Field(2e-4, gt=0, le=1, description="Adam learning rate of D")
     beta1: Float = Field(0.0, ge=0, lt=1, description="Adam beta1 for G and D")
     beta2: Float = Field(0.9, ge=0, lt=1, description="Adam beta2 for G and D")
     n_critic: Int = Field(1, ge=1, le=100, description="D updates per G update")
@@ -151,7 +153,7 @@ class TrainParams(Section):
     diffaugment: tuple[AugmentPolicy, ...] = Field((), description="DiffAugment policies")
     ema_decay: Float = Field(0.999, ge=0, lt=1, description="generator EMA decay")
     ema_warmup_steps: Int = Field(100, ge=0, description="EMA copies G before this step")
-    seed: Int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, description="seeds weights, noise and data order (per rank)")
     checkpoint_every: Int = Field(500, ge=1, description="steps between checkpoints")
     log_every: Int = Field(50, ge=1, description="steps between metric reports")
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
@@ -171,19 +173,25 @@ class TrainParams(Section):
 
 
 class Choice(Section):
+    """One of `values`, drawn at random (or proposed by Optuna) for each trial."""
+
     type: Literal["choice"]
-    values: list[Any] = Field(min_length=1)
+    values: list[Any] = Field(min_length=1, description="the values to draw from")
 
 
 class Grid(Section):
+    """Every one of `values`: each trial sample is crossed with all of them."""
+
     type: Literal["grid"]
-    values: list[Any] = Field(min_length=1)
+    values: list[Any] = Field(min_length=1, description="the values, each tried")
 
 
 class Uniform(Section):
+    """A float between `low` and `high`, uniform or uniform in log space."""
+
     type: Literal["uniform", "loguniform"]
-    low: Float
-    high: Float
+    low: Float = Field(description="lower bound (> 0 for loguniform)")
+    high: Float = Field(description="upper bound, above low")
 
     @model_validator(mode="after")
     def _ordered(self) -> Uniform:
@@ -208,9 +216,19 @@ class SweepParams(Section):
     )
     num_trials: Int = Field(8, ge=1, description="samples drawn from the space")
     max_concurrent: Int | None = Field(None, ge=1, description="None: as many as the cluster fits")
-    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
-    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "pbt", "fifo"] = Field(
+        "asha", description="asha: stop trials behind their rung; pbt: 1-worker trials; fifo: none"
+    )
+    search: Literal["random", "optuna"] = Field(
+        "random", description="random/grid variants, or Optuna's TPE (no grid dimensions)"
+    )
     eval_every: Int = Field(200, ge=1, description="steps between trial FID evaluations")
+    grace_period: Int | None = Field(
+        None, ge=1, description="ASHA: steps before a trial can be stopped (None: eval_every)"
+    )
+    reduction_factor: Int = Field(
+        3, ge=2, description="ASHA: 1/reduction_factor of the trials go on at each rung"
+    )
     eval_samples: Int = Field(500, ge=2, description="generated samples per trial evaluation")
     top_k: Int = Field(3, ge=1, description="best trials handed to the evaluate stage")
     patience: Int = Field(3, ge=1, description="evaluations a collapse/worsening may last")
@@ -248,17 +266,19 @@ class SweepParams(Section):
 class FeaturenetParams(Section):
     """The domain classifier whose features and logits score generators offline (`featurenet`)."""
 
-    epochs: Int = Field(15, ge=1, le=1000)
-    batch_size: Int = Field(128, ge=1)
+    epochs: Int = Field(15, ge=1, le=1000, description="passes over the train split")
+    batch_size: Int = Field(128, ge=1, description="images per optimiser step")
     lr: Float = Field(2e-3, gt=0, le=1, description="Adam learning rate (cosine-decayed)")
     width: Int = Field(32, ge=4, le=1024, description="channels of the first conv block")
     feature_dim: Int = Field(128, ge=2, le=4096, description="penultimate features (FID/KID)")
     min_accuracy: Float = Field(
         0.95, ge=0, le=1, description="the stage fails below this held-out accuracy"
     )
-    seed: Int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, description="seeds weights and data order")
     out_dir: str = Field("models/featurenet", description="weights and their description")
-    metrics_file: str = Field("metrics/featurenet.json")
+    metrics_file: str = Field(
+        "metrics/featurenet.json", description="DVC metrics: accuracy on train and test"
+    )
 
 
 # Metrics a candidate can be ranked by, and which way is better. `_domain` metrics use the
@@ -289,14 +309,16 @@ class EvaluateParams(Section):
     kid_subset_size: Int = Field(1000, ge=2, description="KID subset size, <= num_samples")
     kid_subsets: Int = Field(100, ge=1, description="KID subsets averaged")
     prc_neighborhood: Int = Field(3, ge=1, description="k of the k-NN precision/recall balls")
-    batch_size: Int = Field(256, ge=1)
+    batch_size: Int = Field(256, ge=1, description="images per generator/extractor batch")
     generator: Literal["ema", "raw"] = Field("ema", description="which generator is scored")
-    seed: Int = Field(0, ge=0)
+    seed: Int = Field(0, ge=0, description="seeds the generated samples")
     cache_dir: str = Field(
         ".cache/fidelity", description="real-data features, reused across candidates and runs"
     )
     out_dir: str = Field("models/evaluate", description="per-candidate sample grids")
-    metrics_file: str = Field("metrics/evaluate.json")
+    metrics_file: str = Field(
+        "metrics/evaluate.json", description="DVC metrics: every candidate's scores, the protocol"
+    )
 
     @model_validator(mode="after")
     def _kid_subset_fits(self) -> EvaluateParams:
@@ -311,15 +333,22 @@ class EvaluateParams(Section):
 class RegisterParams(Section):
     """Which candidate becomes the registered model (the `register` stage)."""
 
-    model_name: str = Field("ganpipe-generator", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    model_name: str = Field(
+        "ganpipe-generator", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="registered model name: models:/NAME@ALIAS",
+    )  # fmt: skip
     alias: str = Field(
         "champion", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="the best version so far"
     )
     challenger_alias: str = Field(
         "challenger", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="the newest version"
     )
-    metric: RankingMetric = Field("fid_domain", description="primary metric; see RANKING_METRICS")
-    out_file: str = Field("models/register/registered.json")
+    metric: RankingMetric = Field(
+        "fid_domain", description="the candidates' ranking metric (lower FID/KID is better)"
+    )
+    out_file: str = Field(
+        "models/register/registered.json", description="the version registered, and why"
+    )
 
     @model_validator(mode="after")
     def _two_aliases(self) -> RegisterParams:
@@ -336,8 +365,10 @@ class RayParams(Section):
     address: str | None = Field(None, description="None: start a local Ray")
     num_workers: Int = Field(2, ge=1, description="DDP ranks per training run")
     use_gpu: Bool | Literal["auto"] = Field("auto", description="auto: GPUs when present")
-    cpus_per_worker: Float = Field(1.0, gt=0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    cpus_per_worker: Float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers; STRICT_SPREAD: one per node"
+    )
     storage_path: str = Field("runs", description="checkpoint storage: a directory or s3://")
     max_failures: Int = Field(0, ge=-1, description="worker failures to recover (-1: no limit)")
 
@@ -346,7 +377,7 @@ class TrackingParams(Section):
     """MLflow; MLFLOW_TRACKING_URI in the environment overrides `uri`."""
 
     uri: str = Field("sqlite:///mlflow.db", description="a database or http(s) tracking server")
-    experiment: str = Field("ganpipe", min_length=1)
+    experiment: str = Field("ganpipe", min_length=1, description="MLflow experiment name")
 
 
 # pydantic warns that the `register` section shadows ABCMeta.register; instances are unaffected.
@@ -434,6 +465,11 @@ class Params(Section):
             raise _inconsistent(
                 f"sweep.eval_every ({sweep.eval_every}) is above train.steps ({self.train.steps}):"
                 " no trial would ever be scored; lower eval_every"
+            )
+        if (sweep.grace_period or 0) >= self.train.steps:
+            raise _inconsistent(
+                f"sweep.grace_period ({sweep.grace_period}) must be below train.steps "
+                f"({self.train.steps}): ASHA could never stop a trial; lower it"
             )
         grids = [k for k, d in sweep.space.items() if isinstance(d, Grid)]
         if sweep.search == "optuna" and grids:

@@ -1,4 +1,4 @@
-"""Errors of the evaluation and registry stages that the CLI reports as bad input (exit 1).
+"""Errors of the stages that the CLI reports as bad input (exit 1).
 
 They live apart from the stages so that the CLI can name them without importing torch-fidelity
 or MLflow."""
@@ -15,3 +15,7 @@ class RegistryError(RuntimeError):
 
 class SweepError(ValueError):
     """A sweep cannot run as configured on this cluster (trials that can never be placed)."""
+
+
+class ClusterError(ConnectionError):
+    """The Ray cluster named by RAY_ADDRESS (or ray.address) cannot be joined."""

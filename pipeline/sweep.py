@@ -35,6 +35,15 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.cluster import (
+    connect,
+    join,
+    local_checkpoint,
+    read_json,
+    save_json,
+    storage_root,
+    use_gpu,
+)
 from pipeline.config import Choice, Grid, Params, Uniform
 from pipeline.errors import SweepError
 from pipeline.files import replace_entries, staging_dir, write_json
@@ -86,12 +95,12 @@ class InstabilityStopper:
     """A Tune stopper that ends unstable trials and remembers why (in a JSON file that
     survives an interrupted sweep)."""
 
-    def __init__(self, path: Path, patience: int, margin: float, min_coverage: float):
+    def __init__(self, path: str, patience: int, margin: float, min_coverage: float):
         from ray import tune
 
         self.path, self.patience, self.margin = path, patience, margin
         self.min_coverage = min_coverage
-        self.reasons: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+        self.reasons: dict[str, str] = read_json(path) or {}
         self.history: dict[str, list[dict]] = defaultdict(list)
         self.stopper = tune.stopper.FunctionStopper(self)
 
@@ -106,7 +115,7 @@ class InstabilityStopper:
         reason = self._reason(history)
         if reason:
             self.reasons[trial_id] = reason
-            write_json(self.path, self.reasons)
+            save_json(self.path, self.reasons)
         return reason is not None
 
     def _reason(self, history: list[dict]) -> str | None:
@@ -148,14 +157,9 @@ def _check_stoppable(params: Params) -> None:
 def _trial_resources(params: Params) -> dict:
     """A Train-in-Tune trial's driver only waits on its TorchTrainer (whose workers ask for
     the CPUs); a PBT trial trains in its own process and needs a worker's share."""
-    import ray
-
     if params.sweep.scheduler != "pbt":
         return {"memory": TRIAL_MEMORY}
-    use_gpu = params.ray.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    return {"cpu": params.ray.cpus_per_worker, "gpu": 1 if use_gpu else 0}
+    return {"cpu": params.ray.cpus_per_worker, "gpu": 1 if use_gpu(params) else 0}
 
 
 def _concurrency(params: Params) -> int:
@@ -165,14 +169,20 @@ def _concurrency(params: Params) -> int:
     resources = ray.cluster_resources()
     per_trial = params.ray.num_workers * params.ray.cpus_per_worker
     fit = int(resources.get("CPU", 0) // per_trial)
-    if params.ray.use_gpu is True:
-        fit = min(fit, int(resources.get("GPU", 0) // params.ray.num_workers))
     if fit < 1:
         raise SweepError(
             f"a trial needs {per_trial:g} CPUs (ray.num_workers {params.ray.num_workers} x "
             f"ray.cpus_per_worker {params.ray.cpus_per_worker}) but the cluster has "
             f"{resources.get('CPU', 0):g}; lower them or add nodes"
         )
+    if use_gpu(params):
+        fit = min(fit, int(resources.get("GPU", 0) // params.ray.num_workers))
+        if fit < 1:
+            raise SweepError(
+                f"a trial needs {params.ray.num_workers} GPUs (one per worker, ray.num_workers) "
+                f"but the cluster has {resources.get('GPU', 0):g}; lower ray.num_workers, add "
+                "GPU nodes, or set ray.use_gpu: false"
+            )
     return min(fit, params.sweep.max_concurrent or fit)
 
 
@@ -182,8 +192,8 @@ def _scheduler(params: Params):
     s = params.sweep
     if s.scheduler == "asha":
         return ASHAScheduler(
-            time_attr="step", max_t=params.train.steps, grace_period=s.eval_every,
-            reduction_factor=2,
+            time_attr="step", max_t=params.train.steps,
+            grace_period=s.grace_period or s.eval_every, reduction_factor=s.reduction_factor,
         )  # fmt: skip
     if s.scheduler == "fifo":
         return FIFOScheduler()
@@ -245,20 +255,19 @@ def run_trial(config: dict, context: dict) -> None:
 
 def sweep(params: Params) -> dict:
     """Run (or resume) the sweep; write the outputs the evaluate stage reads."""
-    import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
 
     from pipeline.data import check_labels_for_model
     from pipeline.shards import verify_prepared
     from pipeline.tracking import check_reachable, experiment_id, git_commit, tracking_uri
-    from pipeline.train import _storage_path, graceful_signals
+    from pipeline.train import graceful_signals
 
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
     check_labels_for_model(manifest, params.model.conditional)
     dataset = manifest["dataset_hash"]
     name = sweep_name(params, dataset)
-    storage = _storage_path(params.ray.storage_path)
+    storage = storage_root(params)
     uri = tracking_uri(params)
     check_reachable(uri)
     client = MlflowClient(uri)
@@ -271,13 +280,11 @@ def sweep(params: Params) -> dict:
         "dataset_hash": dataset,
     }
     _fill_real_cache(trial_eval)  # and fails now, not in every trial, without a featurenet
+    connect(params)
+    _check_stoppable(params)
     experiment = experiment_id(client, params.tracking.experiment)
     parent = _parent_run(client, params, name, dataset, experiment, git_commit)
 
-    if not ray.is_initialized():
-        address = params.ray.address
-        ray.init(address=address) if address else ray.init()
-    _check_stoppable(params)
     context = {
         "base": params.model_dump(mode="json"),
         "eval_every": params.sweep.eval_every,
@@ -294,14 +301,12 @@ def sweep(params: Params) -> dict:
         tune.with_parameters(run_trial, context=context), _trial_resources(params)
     )
     s = params.sweep
-    reasons_file = Path(storage) / f"{name}-{STOP_REASONS}"
+    reasons_file = join(storage, f"{name}-{STOP_REASONS}")
     stopper = InstabilityStopper(reasons_file, s.patience, s.collapse_margin, s.min_class_coverage)
-    path = Path(storage) / name
+    path = join(storage, name)
     try:
-        if tune.Tuner.can_restore(str(path)):
-            tuner = tune.Tuner.restore(
-                str(path), trainable, resume_unfinished=True, resume_errored=True
-            )
+        if tune.Tuner.can_restore(path):
+            tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable,
@@ -323,7 +328,7 @@ def sweep(params: Params) -> dict:
         if _unfinished(path):  # on SIGINT Tune saves its state and returns
             raise KeyboardInterrupt(f"sweep interrupted; `dvc repro` resumes it from {path}")
         # A restored sweep stops with the stopper saved in its state: read what it wrote.
-        reasons = json.loads(reasons_file.read_text()) if reasons_file.is_file() else {}
+        reasons = read_json(reasons_file) or {}
         summary = _summarize(params, grid, reasons, name, parent, client, dataset, experiment)
     except (KeyboardInterrupt, SystemExit):
         client.set_terminated(parent, status="KILLED")
@@ -335,12 +340,12 @@ def sweep(params: Params) -> dict:
     return summary
 
 
-def _unfinished(path: Path) -> list[str]:
+def _unfinished(path: str) -> list[str]:
     """Trials the saved experiment state has not ended (the in-memory ones all read as
     terminated after an interrupt, since Tune stops them on the way out)."""
     from ray.tune import ExperimentAnalysis
 
-    trials = ExperimentAnalysis(str(path)).trials
+    trials = ExperimentAnalysis(path).trials
     return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
 
 
@@ -436,11 +441,11 @@ def _summarize(
         "stability": stability_table(trials),
         "trial_steps": sum(t.get("steps", 0) for t in trials),
     }
-    _write_outputs(Path(params.train.out_dir), summary, ranked, base)
+    _write_outputs(Path(params.train.out_dir), summary, ranked, base, storage_root(params))
     return summary
 
 
-def _write_outputs(out: Path, summary: dict, ranked: list[dict], base: dict) -> None:
+def _write_outputs(out: Path, summary: dict, ranked: list[dict], base: dict, storage: str) -> None:
     """Candidates, the best trial's history, grid and params, and result.json, each replacing
     its earlier version only once all are written."""
     from pipeline.train import CANDIDATES, HISTORY, RESULT, SAMPLES
@@ -448,13 +453,13 @@ def _write_outputs(out: Path, summary: dict, ranked: list[dict], base: dict) -> 
     staging = staging_dir(out)
     try:
         (staging / CANDIDATES).mkdir()
-        for candidate, trial in zip(summary["candidates"], ranked, strict=False):
-            shutil.copytree(trial["checkpoint"], staging / candidate["checkpoint"])
+        for rank, (candidate, trial) in enumerate(zip(summary["candidates"], ranked, strict=False)):
+            with local_checkpoint(trial["checkpoint"], storage) as checkpoint:
+                shutil.copytree(checkpoint, staging / candidate["checkpoint"])
+                for file in (HISTORY, SAMPLES) if rank == 0 else ():
+                    if (checkpoint / file).is_file():
+                        shutil.copy(checkpoint / file, staging / file)
         if ranked:
-            for file in (HISTORY, SAMPLES):
-                source = Path(ranked[0]["checkpoint"]) / file
-                if source.is_file():
-                    shutil.copy(source, staging / file)
             best = {k: v for k, v in copy.deepcopy(base).items() if k != "sweep"}
             for key, value in ranked[0]["config"].items():
                 section, field = key.split(".", 1)

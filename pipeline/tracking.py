@@ -52,9 +52,11 @@ def check_reachable(uri: str) -> None:
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=REACH_TIMEOUT_S)
     except (urllib.error.URLError, OSError) as exc:
+        source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({exc}); start it, or unset "
-            "MLFLOW_TRACKING_URI to use the embedded sqlite store"
+            f"MLflow tracking server {uri} is unreachable ({exc}); start it, or set {source} "
+            "(where this URI came from) to another server or to sqlite:///mlflow.db, the "
+            "embedded store"
         ) from None
 
 

@@ -36,6 +36,7 @@ from gan.sampling import LatentSampler, fixed_latents, step_generator
 from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
 from pipeline.candidates import RESULT, generator_spec
 from pipeline.checkpoint import STATE, TrainingState, load_checkpoint, save_checkpoint
+from pipeline.cluster import connect, is_remote, storage_root, use_gpu
 from pipeline.config import Params, flatten
 from pipeline.data import PreparedSplit, RankLoader, check_labels_for_model
 from pipeline.shards import verify_prepared
@@ -425,16 +426,11 @@ def _for_workers(params: Params) -> dict:
 
 def _check_existing_run(storage: str, name: str, identity: dict) -> None:
     """Before starting Ray: a local run of this name must have been trained like this one."""
-    if "://" in storage:
+    if is_remote(storage):
         return  # remote storage: the workers check the checkpoint they restore
     states = sorted(Path(storage, name).glob(f"checkpoint_*/{STATE}"))
     if states:
         check_same_run(json.loads(states[-1].read_text())["params"], identity)
-
-
-def _storage_path(path: str) -> str:
-    """Ray needs an absolute storage path (a relative one kills its controller)."""
-    return path if "://" in path else str(Path(path).resolve())
 
 
 def _mlflow_run(
@@ -486,10 +482,11 @@ def train(params: Params, faults: dict | None = None) -> dict:
     check_labels_for_model(manifest, params.model.conditional)
     identity = run_identity(params, manifest["dataset_hash"])
     name = run_name(params, manifest["dataset_hash"])
-    storage = _storage_path(params.ray.storage_path)
+    storage = storage_root(params)
     _check_existing_run(storage, name, identity)
     uri = tracking_uri(params)
     check_reachable(uri)
+    connect(params)  # before the MLflow run: a cluster that cannot be joined leaves no trace
     client = MlflowClient(uri)
     run_id = _mlflow_run(client, params, name, manifest["dataset_hash"])
 
@@ -560,24 +557,17 @@ def graceful_signals():
 
 
 def _fit(params: Params, name: str, storage: str, worker_config: dict, callbacks=()):
-    """Connect to (or start) Ray and run the TorchTrainer; Ray's Result. `callbacks` are
-    Ray Train callbacks (a sweep trial forwards the reports to Tune with one)."""
-    import ray
+    """Run the TorchTrainer on the connected Ray; Ray's Result. `callbacks` are Ray Train
+    callbacks (a sweep trial forwards the reports to Tune with one)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    address = os.environ.get("RAY_ADDRESS") or params.ray.address
-    if not ray.is_initialized():
-        ray.init(address=address) if address else ray.init()
-    use_gpu = params.ray.use_gpu
-    if use_gpu == "auto":
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=worker_config,
         scaling_config=ScalingConfig(
             num_workers=params.ray.num_workers,
-            use_gpu=use_gpu,
+            use_gpu=use_gpu(params),
             resources_per_worker={"CPU": params.ray.cpus_per_worker},
             placement_strategy=params.ray.placement_strategy,
         ),

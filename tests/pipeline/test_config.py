@@ -136,6 +136,20 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
         ),
         (
             {
+                "train": {"steps": 400},
+                "sweep": {
+                    "grace_period": 400,
+                    "space": {"train.seed": {"type": "grid", "values": [0]}},
+                },
+            },
+            ["sweep.grace_period (400) must be below train.steps (400)"],
+        ),
+        (
+            {"sweep": {"reduction_factor": 1}},
+            ["sweep.reduction_factor", "greater than or equal to 2"],
+        ),
+        (
+            {
                 "sweep": {
                     "search": "optuna",
                     "space": {"train.seed": {"type": "grid", "values": [0, 1]}},

@@ -80,7 +80,7 @@ def test_search_space_converts_every_dimension_type():
     ],
 )  # fmt: skip
 def test_stopper_labels_why_a_trial_ends(tmp_path, results, reason):
-    stopper = InstabilityStopper(tmp_path / "reasons.json", 3, 0.02, 0.5)
+    stopper = InstabilityStopper(str(tmp_path / "reasons.json"), 3, 0.02, 0.5)
     stopped = [stopper("t1", r) for r in results]
     assert stopped[-1] == (reason is not None) and not any(stopped[:-1])
     saved = json.loads((tmp_path / "reasons.json").read_text()) if reason else {}
@@ -186,10 +186,14 @@ def test_a_sweep_labels_a_diverging_trial_and_hands_the_best_to_evaluation(
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, prepared_root):
-    """SIGINT after the first trial finished and the second has a checkpoint; a new driver
-    (`dvc repro` again) restores the sweep: the first trial is not run again, the second
-    continues in the same MLflow run."""
+@pytest.mark.parametrize(("sig", "returncode"), [(signal.SIGINT, 130), (signal.SIGKILL, -9)])
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    tmp_path, prepared_root, sig, returncode
+):
+    """SIGINT (Ctrl-C, Tune saves its state) or SIGKILL (the driver dies; Tune's last
+    periodic state is all there is) after the first trial finished and the second has a
+    checkpoint; a new driver (`dvc repro` again) restores the sweep: the first trial is not
+    run again, the second continues in the same MLflow run."""
     space = {"train.lr_g": {"type": "grid", "values": [2e-4, 5e-4]}}
     params = sweep_params(prepared_root, space, num_trials=1, top_k=1, max_concurrent=1)
     tree = params.model_dump(mode="json")
@@ -216,9 +220,9 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
         if sorted(done.values()) in ([20, 60], [40, 60]):
             break
         time.sleep(0.5)
-    os.kill(process.pid, signal.SIGINT)
+    os.kill(process.pid, sig)
     process.wait(timeout=120)
-    assert process.returncode == 130, process.stderr.read()[-3000:]
+    assert process.returncode == returncode, process.stderr.read()[-3000:]
     before = steps_by_trial()
     (finished,) = [run for run, step in before.items() if step == 60]
     finished_files = sorted(p.name for p in (tmp_path / "runs" / finished).iterdir())
@@ -314,3 +318,15 @@ def test_optuna_search_proposes_the_trials(tmp_path, prepared_root, ray_session)
     assert len(configs) == 2 and configs[0] != configs[1]
     assert all(1e-4 <= c["train.lr_g"] <= 1e-3 and c["train.loss"] in ("hinge", "bce")
                for c in configs)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("options", "milestones"),
+    [({}, [20]), ({"grace_period": 10, "reduction_factor": 2}, [40, 20, 10])],
+)
+def test_asha_rungs_follow_grace_period_and_reduction_factor(tmp_path, options, milestones):
+    from pipeline.sweep import _scheduler
+
+    space = {"train.seed": {"type": "grid", "values": [0, 1]}}
+    scheduler = _scheduler(sweep_params(tmp_path, space, **options))  # steps 40, eval_every 20
+    assert [milestone for milestone, _ in scheduler._brackets[0]._rungs] == milestones

@@ -1,0 +1,142 @@
+"""Where the Ray stages run and keep their checkpoints: the cluster they join and the storage
+every node sees, from params or the environment (the environment wins, so one params.yaml
+serves a laptop and a cluster).
+
+| variable             | overrides           | what                                              |
+|----------------------|---------------------|---------------------------------------------------|
+| RAY_ADDRESS          | ray.address         | join this running cluster instead of starting one |
+| GANPIPE_STORAGE_PATH | ray.storage_path    | checkpoints and Tune state: a shared path or s3:// |
+
+Storage may be a local directory (single node, or a filesystem all nodes mount) or a URI that
+pyarrow understands (s3://, gs://): paths are joined as strings, files read through pyarrow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.config import Params
+from pipeline.errors import ClusterError
+from pipeline.files import write_json
+
+ADDRESS_ENV = "RAY_ADDRESS"
+STORAGE_ENV = "GANPIPE_STORAGE_PATH"
+REACH_TIMEOUT_S = 5
+
+
+def ray_address(params: Params) -> str | None:
+    """The cluster to join: RAY_ADDRESS, else ray.address; None starts a local Ray."""
+    return os.environ.get(ADDRESS_ENV) or params.ray.address
+
+
+def connect(params: Params) -> None:
+    """Join (or start) Ray once per process; a cluster that cannot be joined is a ClusterError
+    in seconds (Ray itself retries an unreachable address for minutes)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address(params)
+    if address is None:
+        ray.init()
+        return
+    check_reachable(address)
+    try:
+        ray.init(address=address)
+    except ConnectionError as exc:  # e.g. token authentication: Ray chains the reason
+        cause = exc.__cause__ or exc
+        raise ClusterError(
+            f"cannot join the Ray cluster at {address} ({_where_from()}): {str(cause)[:500]}. "
+            "A cluster with token authentication needs RAY_AUTH_MODE=token and its token "
+            "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
+        ) from None
+
+
+def _where_from() -> str:
+    return f"from {ADDRESS_ENV}" if os.environ.get(ADDRESS_ENV) else "from ray.address"
+
+
+def check_reachable(address: str) -> None:
+    """A host:port address (or ray://host:port) must accept a TCP connection."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local": Ray resolves them itself
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"no Ray cluster answers at {address} ({_where_from()}): {exc}; start it "
+            f"(`ray start --head` prints the address) or unset {ADDRESS_ENV} and ray.address "
+            "to run on a local Ray"
+        ) from None
+
+
+def use_gpu(params: Params) -> bool:
+    """ray.use_gpu, with `auto` meaning: the connected cluster has GPUs."""
+    import ray
+
+    if params.ray.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(params.ray.use_gpu)
+
+
+def storage_root(params: Params) -> str:
+    """GANPIPE_STORAGE_PATH, else ray.storage_path; a local one made absolute (a relative
+    path kills Ray Train's controller)."""
+    path = os.environ.get(STORAGE_ENV) or params.ray.storage_path
+    return path if is_remote(path) else str(Path(path).resolve())
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def join(root: str, *parts: str) -> str:
+    """`root/part/...` for a directory or a URI (pathlib would fold s3:// into s3:/)."""
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def read_json(path: str) -> dict | None:
+    """A JSON file in storage, or None when absent."""
+    if not is_remote(path):
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else None
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(path)
+    if filesystem.get_file_info(inner).type == fs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(inner) as stream:
+        return json.loads(stream.read())
+
+
+def save_json(path: str, data: dict) -> None:
+    """Write a JSON file in storage (atomically where storage is a local directory; an
+    object store's put is atomic by itself)."""
+    if not is_remote(path):
+        write_json(Path(path), data)
+        return
+    from pyarrow import fs
+
+    filesystem, inner = fs.FileSystem.from_uri(path)
+    with filesystem.open_output_stream(inner) as stream:
+        stream.write((json.dumps(data, indent=2) + "\n").encode())
+
+
+@contextlib.contextmanager
+def local_checkpoint(path: str, root: str) -> Iterator[Path]:
+    """A local directory holding the checkpoint at `path` as Ray reports it (without a
+    scheme for remote storage: the filesystem is the one of `root`); downloaded if remote."""
+    if not is_remote(root):
+        yield Path(path)
+        return
+    from pyarrow import fs
+    from ray.train import Checkpoint
+
+    filesystem, _ = fs.FileSystem.from_uri(root)
+    with Checkpoint(path, filesystem=filesystem).as_directory() as directory:
+        yield Path(directory)

@@ -1,0 +1,83 @@
+"""Cluster settings from params or the environment, and storage paths that may be URIs."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cluster import (
+    check_reachable,
+    join,
+    local_checkpoint,
+    ray_address,
+    read_json,
+    save_json,
+    storage_root,
+)
+from pipeline.config import validate_params
+from pipeline.errors import ClusterError
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("GANPIPE_STORAGE_PATH", raising=False)
+    return monkeypatch
+
+
+def test_environment_overrides_params(clean_env, tmp_path):
+    params = validate_params({"ray": {"address": "10.0.0.1:6379", "storage_path": "runs"}})
+    assert ray_address(params) == "10.0.0.1:6379"
+    assert storage_root(params) == str(Path("runs").resolve())  # Ray needs absolute paths
+    clean_env.setenv("RAY_ADDRESS", "127.0.0.1:6380")
+    clean_env.setenv("GANPIPE_STORAGE_PATH", "s3://bucket/ganpipe/")
+    assert ray_address(params) == "127.0.0.1:6380"
+    assert storage_root(params) == "s3://bucket/ganpipe/"
+    assert ray_address(validate_params({})) == "127.0.0.1:6380"
+
+
+def test_no_address_starts_a_local_ray(clean_env):
+    assert ray_address(validate_params({})) is None
+
+
+def test_join_keeps_uri_schemes():
+    assert join("s3://bucket/ganpipe/", "sweep-1", "state.json") == (
+        "s3://bucket/ganpipe/sweep-1/state.json"
+    )
+    assert join("/data/runs", "sweep-1") == "/data/runs/sweep-1"
+
+
+@pytest.mark.parametrize("scheme", ["", "file://"])
+def test_json_round_trips_through_local_paths_and_uris(tmp_path, scheme):
+    path = scheme + str(tmp_path / "reasons.json")
+    assert read_json(path) is None
+    save_json(path, {"trial_1": "diverged"})
+    save_json(path, {"trial_1": "diverged", "trial_2": "fid_worsening"})
+    assert read_json(path) == {"trial_1": "diverged", "trial_2": "fid_worsening"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reasons.json"]
+
+
+def test_a_checkpoint_in_uri_storage_is_read_through_its_filesystem(tmp_path):
+    """Ray reports checkpoints of remote storage without the scheme (bucket/prefix/...)."""
+    checkpoint = tmp_path / "sweep" / "checkpoint_000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text('{"step": 20}')
+    with local_checkpoint(str(checkpoint), f"file://{tmp_path}") as local:
+        assert (local / "state.json").read_text() == '{"step": 20}'
+    with local_checkpoint(str(checkpoint), str(tmp_path)) as local:
+        assert local == checkpoint
+
+
+def test_an_address_where_no_cluster_answers_fails_in_seconds(clean_env):
+    import socket
+    import time
+
+    with socket.socket() as free:  # a port nobody listens on once closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    clean_env.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(ClusterError, match=rf"no Ray cluster answers at 127.0.0.1:{port} "
+                                           r"\(from RAY_ADDRESS\).*ray start --head"):
+        check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - start < 10
+    check_reachable("auto")  # Ray resolves these itself
