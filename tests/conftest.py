@@ -1,6 +1,10 @@
 """Shared test helpers."""
 
 import hashlib
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,66 @@ def tree_digest(root: Path) -> str:
         digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def clone_project(dest: Path) -> Path:
+    """A `git clone` of this repository, as a user gets it, with the working tree's
+    uncommitted changes on top (the end-to-end tests run the code that is checked out)."""
+
+    def git(*args, cwd=REPO_ROOT):
+        return subprocess.run(
+            ["git", *args], cwd=cwd, check=True, capture_output=True, text=True
+        ).stdout
+
+    git("clone", "-q", str(REPO_ROOT), str(dest))
+    changed = git("diff", "-z", "--name-only", "HEAD") + git(
+        "ls-files", "-z", "--others", "--exclude-standard"
+    )
+    for name in filter(None, changed.split("\0")):
+        source, target = REPO_ROOT / name, dest / name
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+        else:  # deleted in the working tree
+            target.unlink(missing_ok=True)
+    return dest
+
+
+def project_env(root: Path, **extra: str) -> dict:
+    """The environment a user's shell has in a clone: this virtualenv on PATH, the clone's
+    code first on the import path, a git identity, and no cluster, storage or tracking
+    server from the test's own shell (`extra` sets them)."""
+    env = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(root),
+        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
+        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
+    }  # fmt: skip
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("GANPIPE_STORAGE_PATH", None)
+    return {**env, **extra}
+
+
+def shell(root: Path, env: dict):
+    """`sh(*command)` runs a command in `root` with `env`; a failure shows its output."""
+
+    def sh(*command, check=True, timeout=1800):
+        result = subprocess.run(
+            command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if check and result.returncode:
+            output = f"{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+            raise AssertionError(f"{command} failed:\n{output}")
+        return result
+
+    return sh
+
+
+def stages_run(output: str) -> list[str]:
+    """The stages `dvc repro` / `dvc exp run` ran, in order, from their output."""
+    return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]
 
 
 @pytest.fixture(autouse=True)

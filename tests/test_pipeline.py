@@ -1,70 +1,66 @@
-"""End to end: `dvc repro` runs prepare -> featurenet -> train -> evaluate -> register on
-digits in a fresh git repository, with local Ray and a sqlite MLflow; then the DVC metrics
-commands, the registry and the sample command work on what it produced."""
+"""End to end, as a user runs it: a fresh `git clone`, then `dvc repro` runs prepare ->
+featurenet -> train -> evaluate -> register on digits with local Ray and a sqlite MLflow;
+then a second repro does nothing, changed params re-run only the stages that read them,
+`dvc exp run`, `dvc exp show`, `dvc metrics diff` and `dvc plots show` work, and the registry's
+champion samples images."""
 
 import json
-import os
+import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import clone_project, project_env, shell, stages_run
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("git") is None, reason="DVC needs git"),
 ]
 
+OUTPUTS = [  # every stage's declared outputs (dvc.yaml)
+    "data/prepared/manifest.json",
+    "models/featurenet",
+    "metrics/featurenet.json",
+    "models/train/result.json",
+    "models/train/history.csv",
+    "models/train/samples.png",
+    "models/train/best_params.yaml",
+    "models/evaluate/generators",
+    "models/evaluate/samples",
+    "metrics/evaluate.json",
+    "models/register/registered.json",
+]
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A copy of the project with its shipped params.yaml (the Quickstart: DCGAN on 16x16
-    digits, 1000 steps, 2 Ray workers; about 3 minutes on 2 CPUs), after one `dvc repro`
+    """A clone of the project with its shipped params.yaml (the Quickstart: DCGAN on 16x16
+    digits, 1000 steps, 2 Ray workers; about 2-3 minutes on 2 CPUs), after one `dvc repro`
     and a git commit."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO_ROOT / name, root / name)
-    for package in ("pipeline", "gan"):
-        shutil.copytree(
-            REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    env = {
-        **os.environ,
-        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
-    }  # fmt: skip
-    env.pop("MLFLOW_TRACKING_URI", None)
-
-    def sh(*cmd, check=True):
-        result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-        if check and result.returncode:
-            raise AssertionError(f"{cmd} failed:\n{result.stdout}\n{result.stderr}")
-        return result
-
-    sh("git", "init", "-q")
-    sh(sys.executable, "-m", "dvc", "init", "-q")
-    first = sh(sys.executable, "-m", "dvc", "repro")
+    root = clone_project(tmp_path_factory.mktemp("project") / "ganpipe")
+    sh = shell(root, project_env(root))
+    first = sh("dvc", "repro")
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "first run")
     return root, sh, first
 
 
-def test_repro_runs_every_stage_in_order(project):
-    _, _, first = project
-    order = [
-        line.split("'")[1] for line in first.stdout.splitlines() if line.startswith("Running stage")
-    ]
-    assert order == ["prepare", "featurenet", "train", "evaluate", "register"]
+def test_repro_runs_every_stage_in_order_and_leaves_their_outputs(project):
+    root, sh, first = project
+    assert stages_run(first.stdout) == ["prepare", "featurenet", "train", "evaluate", "register"]
+    missing = [name for name in OUTPUTS if not (root / name).exists()]
+    assert not missing, missing
+    (candidate,) = json.loads((root / "models/train/result.json").read_text())["candidates"]
+    assert (root / "models/train" / candidate["checkpoint"]).is_dir()
+    assert (root / "models/evaluate/samples" / f"{candidate['name']}.png").is_file()
+    assert "Data and pipelines are up to date" in sh("dvc", "status").stdout
 
 
 def test_metrics_show_the_figures_and_the_trained_generator_is_near_real_digits(project):
     root, sh, _ = project
-    shown = json.loads(sh(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
+    shown = json.loads(sh("dvc", "metrics", "show", "--json").stdout)
     figures = shown[""]["data"]["metrics/evaluate.json"]["data"]
     (candidate,) = figures["candidates"].values()
     floor, ceiling = figures["sanity"]["fid_floor_domain"], candidate["fid_ceiling_domain"]
@@ -74,10 +70,18 @@ def test_metrics_show_the_figures_and_the_trained_generator_is_near_real_digits(
     assert featurenet["test_accuracy"] >= 0.95
 
 
-def test_registered_champion_samples_to_a_png_grid(project):
+def test_the_registry_champion_is_the_evaluated_candidate_and_samples_a_grid(project):
+    from mlflow.tracking import MlflowClient
+
     root, sh, _ = project
     registered = json.loads((root / "models" / "register" / "registered.json").read_text())
     assert registered["version"] in (1, "1") and "champion" in registered["aliases"]
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    champion = client.get_model_version_by_alias(registered["model_name"], "champion")
+    assert champion.version == str(registered["version"])
+    evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
+    fid = evaluated["candidates"][registered["candidate"]]["fid_domain"]
+    assert float(champion.tags["ganpipe.metric.fid_domain"]) == pytest.approx(fid)
     sh("ganpipe", "sample", "--num", "16", "--nrow", "4", "--seed", "1", "--out", "grid.png")
     with Image.open(root / "grid.png") as grid:
         assert grid.size == (4 * 16 + 5 * 2, 4 * 16 + 5 * 2)
@@ -85,20 +89,48 @@ def test_registered_champion_samples_to_a_png_grid(project):
 
 def test_a_second_repro_is_a_no_op_and_a_protocol_change_reruns_only_evaluation(project):
     root, sh, _ = project
-    again = sh(sys.executable, "-m", "dvc", "repro")
-    assert "Running stage" not in again.stdout
+    again = sh("dvc", "repro")
+    assert stages_run(again.stdout) == []
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["num_samples"] = 1500
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = sh(sys.executable, "-m", "dvc", "repro")
-    ran = {line.split("'")[1] for line in changed.stdout.splitlines() if "Running stage" in line}
-    assert ran <= {"evaluate", "register"}
-    diff = json.loads(sh(sys.executable, "-m", "dvc", "metrics", "diff", "--json").stdout)
+    changed = sh("dvc", "repro")
+    assert stages_run(changed.stdout) == ["evaluate", "register"]
+    diff = json.loads(sh("dvc", "metrics", "diff", "--json").stdout)
     changes = diff["metrics/evaluate.json"]
     assert changes["protocol.num_samples"] == {"old": 2000, "new": 1500, "diff": -500}
     assert any(k.endswith(".fid_domain") for k in changes)
     registered = json.loads((root / "models" / "register" / "registered.json").read_text())
     assert registered["version"] in (1, "1"), "the same weights registered again"
+
+
+def test_an_experiment_reruns_from_training_and_shows_in_exp_show_and_plots(project):
+    root, sh, _ = project
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "evaluate with other params", check=False)  # if anything changed
+    overrides = ["-S", "train.lr_g=0.0004", "-S", "train.steps=400"]
+    ran = sh("dvc", "exp", "run", "-n", "fast-g", *overrides)
+    assert stages_run(ran.stdout) == ["train", "evaluate", "register"]
+    shown = json.loads(sh("dvc", "exp", "show", "--json").stdout)
+    experiments = {
+        rev["name"]: rev["data"]
+        for commit in shown
+        for experiment in commit.get("experiments") or []
+        for rev in experiment["revs"]
+    }
+    params = experiments["fast-g"]["params"]["params.yaml"]["data"]
+    assert (params["train"]["lr_g"], params["train"]["steps"]) == (0.0004, 400)
+    metrics = experiments["fast-g"]["metrics"]["metrics/evaluate.json"]["data"]
+    (candidate,) = metrics["candidates"].values()
+    assert candidate["steps"] == 400 and candidate["fid_domain"] > 0
+
+    sh("dvc", "plots", "show")
+    html = (root / "dvc_plots" / "index.html").read_text()
+    assert '"loss_d"' in html and '"loss_g"' in html  # the loss curves' data
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert any(i.endswith("models_train_samples.png") for i in images), images
+    assert any("models_evaluate_samples" in i for i in images), images
+    assert all((root / "dvc_plots" / i).stat().st_size > 0 for i in images)
 
 
 def test_a_sweep_through_dvc_repro_hands_its_best_trials_to_evaluate_and_register(project):
@@ -112,9 +144,8 @@ def test_a_sweep_through_dvc_repro_hands_its_best_trials_to_evaluate_and_registe
         "eval_samples": 500,
     }  # fmt: skip
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    swept = sh(sys.executable, "-m", "dvc", "repro")
-    ran = [line.split("'")[1] for line in swept.stdout.splitlines() if "Running stage" in line]
-    assert ran == ["train", "evaluate", "register"]
+    swept = sh("dvc", "repro")
+    assert stages_run(swept.stdout) == ["train", "evaluate", "register"]
     result = json.loads((root / "models" / "train" / "result.json").read_text())
     assert len(result["trials"]) == 4 and len(result["candidates"]) == 2
     assert all(t["stop_reason"] in ("completed", "early_stopped", "fid_worsening")
