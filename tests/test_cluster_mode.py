@@ -76,7 +76,10 @@ def background(command: list[str], env: dict, log: Path):
 
 
 def ray_nodes(env: dict, address: str) -> int:
-    code = "import ray; ray.init(log_to_driver=False); print('nodes=%d' % sum(n['Alive'] for n in ray.nodes()))"
+    code = (
+        "import ray; ray.init(log_to_driver=False); "
+        "print('nodes=%d' % sum(n['Alive'] for n in ray.nodes()))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], env={**env, "RAY_ADDRESS": address},
         capture_output=True, text=True, timeout=120,
@@ -169,8 +172,8 @@ def processes_of(temp: Path, seconds: float) -> list:
 
 @pytest.fixture(scope="module")
 def submitted(cluster):
-    """`ray job submit -- dvc --cd <project> repro` with the tracking server and the storage URI in the
-    job's environment, as a user submits the pipeline to a cluster."""
+    """`ray job submit -- dvc --cd <project> repro` with the tracking server and the storage
+    URI in the job's environment, as a user submits the pipeline to a cluster."""
     runtime_env = {
         "env_vars": {"MLFLOW_TRACKING_URI": cluster["mlflow"],
                      "GANPIPE_STORAGE_PATH": cluster["storage"]},
