@@ -204,11 +204,14 @@ def _scheduler(params: Params):
 
 
 def _search(params: Params):
+    """The searcher, seeded with train.seed: the same params draw the same trials."""
     if params.sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=params.train.seed)
-    return None  # Tune's random / grid variant generator
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=params.train.seed)  # random and grid variants
 
 
 def run_trial(config: dict, context: dict) -> None:

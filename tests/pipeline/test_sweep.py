@@ -330,3 +330,26 @@ def test_asha_rungs_follow_grace_period_and_reduction_factor(tmp_path, options, 
     space = {"train.seed": {"type": "grid", "values": [0, 1]}}
     scheduler = _scheduler(sweep_params(tmp_path, space, **options))  # steps 40, eval_every 20
     assert [milestone for milestone, _ in scheduler._brackets[0]._rungs] == milestones
+
+
+def test_random_search_is_seeded_by_train_seed(tmp_path):
+    """The same params draw the same trials (a resumed or repeated sweep, a benchmark's two
+    arms); another train.seed draws others."""
+    from pipeline.sweep import _search
+
+    space = {
+        "train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        "train.loss": {"type": "choice", "values": ["hinge", "bce"]},
+    }
+
+    def draws(seed):
+        params = sweep_params(tmp_path, space)
+        params = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
+        search = _search(params)
+        experiment = {"run": lambda config: None, "config": tune_space(params.sweep.space)}
+        search.add_configurations({"sweep": {**experiment, "num_samples": 3}})
+        return [trial.config for trial in iter(search.next_trial, None)]
+
+    first = draws(0)
+    assert len(first) == 3 and len({c["train.lr_g"] for c in first}) == 3
+    assert draws(0) == first and draws(1) != first
