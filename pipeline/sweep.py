@@ -203,15 +203,17 @@ def _scheduler(params: Params):
     )  # fmt: skip
 
 
-def _search(params: Params):
-    """The searcher, seeded with train.seed: the same params draw the same trials."""
+def _search(params: Params, concurrency: int):
+    """The searcher, seeded with train.seed (the same params draw the same trials), starting
+    at most `concurrency` trials at once (Tune ignores max_concurrent_trials for a searcher
+    it did not make)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
     if params.sweep.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(seed=params.train.seed)
-    from ray.tune.search import BasicVariantGenerator
-
-    return BasicVariantGenerator(random_state=params.train.seed)  # random and grid variants
+        return ConcurrencyLimiter(OptunaSearch(seed=params.train.seed), concurrency)
+    return BasicVariantGenerator(random_state=params.train.seed, max_concurrent=concurrency)
 
 
 def run_trial(config: dict, context: dict) -> None:
@@ -319,8 +321,7 @@ def sweep(params: Params) -> dict:
                     mode="min",
                     num_samples=s.num_trials,
                     scheduler=_scheduler(params),
-                    search_alg=_search(params),
-                    max_concurrent_trials=_concurrency(params),
+                    search_alg=_search(params, _concurrency(params)),
                 ),  # fmt: skip
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, stop=stopper.stopper, verbose=1

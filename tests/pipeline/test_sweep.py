@@ -345,7 +345,7 @@ def test_random_search_is_seeded_by_train_seed(tmp_path):
     def draws(seed):
         params = sweep_params(tmp_path, space)
         params = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
-        search = _search(params)
+        search = _search(params, concurrency=3)
         experiment = {"run": lambda config: None, "config": tune_space(params.sweep.space)}
         search.add_configurations({"sweep": {**experiment, "num_samples": 3}})
         return [trial.config for trial in iter(search.next_trial, None)]
@@ -353,3 +353,21 @@ def test_random_search_is_seeded_by_train_seed(tmp_path):
     first = draws(0)
     assert len(first) == 3 and len({c["train.lr_g"] for c in first}) == 3
     assert draws(0) == first and draws(1) != first
+
+
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_the_searcher_starts_no_more_trials_than_run_at_once(tmp_path, search):
+    from pipeline.sweep import _search
+
+    space = {"train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}
+    params = sweep_params(tmp_path, space, search=search)
+    searcher = _search(params, concurrency=2)
+    if search == "random":
+        experiment = {"run": lambda config: None, "config": tune_space(params.sweep.space)}
+        searcher.add_configurations({"sweep": {**experiment, "num_samples": 5}})
+        started = list(iter(searcher.next_trial, None))
+    else:
+        searcher.set_search_properties("fid_domain", "min", tune_space(params.sweep.space))
+        suggested = (searcher.suggest(f"trial_{i}") for i in range(5))
+        started = [config for config in suggested if config is not None]
+    assert len(started) == 2
