@@ -1,10 +1,14 @@
 """Shared test helpers."""
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +80,42 @@ def shell(root: Path, env: dict):
         return result
 
     return sh
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def background(command: list[str], env: dict, log: Path, cwd: Path | None = None):
+    """A long-running process (a server, a Ray node) in its own session, its output in
+    `log`; ended with its children on exit."""
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_until(ready, what: str, process: subprocess.Popen, log: Path, seconds: float = 120):
+    """Poll `ready()` until true; fail with the log if `process` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not come up:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def stages_run(output: str) -> list[str]:

@@ -1,17 +1,14 @@
 """Cluster mode, for real on this machine: a Ray head started with `ray start --head` and a
 second node joined with `ray start --address` (loopback, one CPU each, token authentication
-on, as Ray 2.60 sets up by default), an `mlflow server` on 127.0.0.1 as the tracking server and
-checkpoint storage given by URI. The pipeline goes in as a user submits it,
-`ray job submit -- dvc repro`: training runs 2 workers on the 2 nodes, and the generator is
-registered into the server. Everything the tests start is stopped at the end."""
+on), an `mlflow server` on 127.0.0.1 as the tracking server and checkpoint storage given by
+URI. The pipeline goes in as a user submits it, `ray job submit -- dvc --cd <project> repro`:
+training runs 2 workers on the 2 nodes, and the generator is registered into the server.
+Everything the tests start is stopped at the end."""
 
 import contextlib
 import json
-import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,26 +20,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import clone_project, project_env, shell, stages_run
+from tests.conftest import (
+    background,
+    clone_project,
+    free_port,
+    project_env,
+    shell,
+    stages_run,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("git") is None, reason="DVC needs git"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(ready, what: str, process: subprocess.Popen, log: Path, seconds: float = 120):
-    deadline = time.monotonic() + seconds
-    while not ready():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not come up:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
 
 
 def answers(url: str) -> bool:
@@ -54,25 +45,6 @@ def answers(url: str) -> bool:
         return True
     except OSError:
         return False
-
-
-@contextlib.contextmanager
-def background(command: list[str], env: dict, log: Path):
-    """A long-running process in its own session, ended with its children on exit."""
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def ray_nodes(env: dict, address: str) -> int:

@@ -15,11 +15,7 @@ import os
 import re
 import secrets
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -28,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, background, free_port, wait_until
 
 INFRA = REPO_ROOT / "infra"
 KUBERAY = INFRA / "kuberay"
@@ -490,12 +486,6 @@ def test_auth_config_names_its_database_and_holds_no_secret():
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get(url: str, auth: tuple[str, str] | None = None) -> int | None:
     """The HTTP status of a GET, None while nothing listens."""
     request = urllib.request.Request(url)
@@ -548,27 +538,11 @@ def basic_auth_server(tmp_path):
     }
     env.pop("MLFLOW_AUTH_ADMIN_USERNAME", None)  # the admin is the config file's
     log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            command, env=env, cwd=tmp_path, start_new_session=True, stdout=out, stderr=out
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while get(f"{url}/health") != 200:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited:\n{log.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health in {STARTUP_TIMEOUT_S} s")
-            time.sleep(0.5)
+    with background(command, env, log, cwd=tmp_path) as server:
+        wait_until(lambda: get(f"{url}/health") == 200, "mlflow server", server, log,
+                   STARTUP_TIMEOUT_S)  # fmt: skip
         yield url, password
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.mark.slow
