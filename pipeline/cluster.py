@@ -26,6 +26,7 @@ from pipeline.files import write_json
 
 ADDRESS_ENV = "RAY_ADDRESS"
 STORAGE_ENV = "GANPIPE_STORAGE_PATH"
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients find the dashboard
 REACH_TIMEOUT_S = 5
 
 
@@ -43,7 +44,7 @@ def connect(params: Params) -> None:
         return
     address = ray_address(params)
     if address is None:
-        ray.init()
+        _start_local_ray()
         return
     check_reachable(address)
     try:
@@ -55,6 +56,32 @@ def connect(params: Params) -> None:
             "A cluster with token authentication needs RAY_AUTH_MODE=token and its token "
             "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
         ) from None
+
+
+def _start_local_ray() -> None:
+    """Start a local Ray whose workers know its dashboard. Ray Train's placement-group cleaner
+    asks the state API about its controller from a worker; without an address it looks for
+    "the" Ray instance on the machine, and with two running (two pipelines, a benchmark next
+    to the tests) it gives up, so a trial that Tune stops keeps its CPUs and the sweep hangs
+    (seen with Ray 2.60). The raylet, and every worker it starts, inherits the address."""
+    import ray
+
+    port = _free_port()
+    previous = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(dashboard_port=port)
+    finally:  # this process's later Ray instances (tests) must not inherit it
+        if previous is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _where_from() -> str:

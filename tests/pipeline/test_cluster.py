@@ -1,5 +1,6 @@
 """Cluster settings from params or the environment, and storage paths that may be URIs."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,54 @@ def test_an_address_where_no_cluster_answers_fails_in_seconds(clean_env):
         port = free.getsockname()[1]
     clean_env.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     start = time.monotonic()
-    with pytest.raises(ClusterError, match=rf"no Ray cluster answers at 127.0.0.1:{port} "
-                                           r"\(from RAY_ADDRESS\).*ray start --head"):
+    with pytest.raises(
+        ClusterError,
+        match=rf"no Ray cluster answers at 127.0.0.1:{port} "
+        r"\(from RAY_ADDRESS\).*ray start --head",
+    ):
         check_reachable(f"127.0.0.1:{port}")
     assert time.monotonic() - start < 10
     check_reachable("auto")  # Ray resolves these itself
+
+
+@pytest.mark.slow
+def test_workers_of_a_local_ray_reach_its_state_api_beside_another_ray(tmp_path):
+    """With another Ray instance on the machine, the workers of the one connect() starts still
+    reach their own cluster's state API: Ray Train's placement-group cleaner asks it from a
+    worker, and without an address it fails ("Found multiple active Ray instances"), leaving
+    a stopped trial's CPUs taken and the sweep hanging."""
+    import secrets
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.conftest import REPO_ROOT, background, free_port, wait_until
+
+    temp = tempfile.mkdtemp(prefix="gp-other-", dir="/tmp")  # its address file stays there
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    other = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "0",
+        "--port", str(free_port()), "--dashboard-port", str(free_port()), "--temp-dir", temp,
+        "--ray-client-server-port", str(free_port()), "--disable-usage-stats",
+    ]  # fmt: skip
+    probe = (
+        "import ray\n"
+        "from pipeline.cluster import connect\n"
+        "from pipeline.config import validate_params\n"
+        "connect(validate_params({}))\n"
+        "@ray.remote(num_cpus=0)\n"
+        "def probe():\n"
+        "    from ray.util.state import list_nodes\n"
+        "    nodes = [n.node_id for n in list_nodes()]\n"
+        "    return ray.get_runtime_context().get_node_id() in nodes\n"
+        "print('own cluster:', ray.get(probe.remote()))\n"
+    )
+    with background(other, env, tmp_path / "other.log") as head:
+        wait_until(lambda: "Ray runtime started" in (tmp_path / "other.log").read_text(),
+                   "the other Ray", head, tmp_path / "other.log")  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=env, cwd=REPO_ROOT, capture_output=True,
+            text=True, timeout=300,
+        )  # fmt: skip
+    assert "own cluster: True" in out.stdout, out.stderr[-3000:]
