@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import ray
-
+from pipeline.cluster import start_local_ray
 from pipeline.config import validate_params
 from pipeline.featurenet import train_featurenet
 from pipeline.prepare import prepare
@@ -66,7 +65,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--reduction-factor", type=int, default=3)
     args = parser.parse_args()
-    ray.init(log_to_driver=False)  # with the dashboard: sweeps need it (pipeline.sweep)
+    start_local_ray(log_to_driver=False)  # with the dashboard: sweeps need it (pipeline.sweep)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         full = run(root, "fifo", args.steps, args.eval_every, scheduler="fifo", patience=10**6)

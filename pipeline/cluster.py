@@ -44,33 +44,34 @@ def connect(params: Params) -> None:
         return
     address = ray_address(params)
     if address is None:
-        _start_local_ray()
+        start_local_ray()
         return
     check_reachable(address)
     try:
         ray.init(address=address)
     except ConnectionError as exc:  # e.g. token authentication: Ray chains the reason
-        cause = exc.__cause__ or exc
+        reason = str(exc.__cause__ or exc).strip().splitlines()[-1]  # a traceback's last line
         raise ClusterError(
-            f"cannot join the Ray cluster at {address} ({_where_from()}): {str(cause)[:500]}. "
+            f"cannot join the Ray cluster at {address} ({_where_from()}): {reason[:500]}. "
             "A cluster with token authentication needs RAY_AUTH_MODE=token and its token "
             "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
         ) from None
 
 
-def _start_local_ray() -> None:
-    """Start a local Ray whose workers know its dashboard. Ray Train's placement-group cleaner
-    asks the state API about its controller from a worker; without an address it looks for
-    "the" Ray instance on the machine, and with two running (two pipelines, a benchmark next
-    to the tests) it gives up, so a trial that Tune stops keeps its CPUs and the sweep hangs
-    (seen with Ray 2.60). The raylet, and every worker it starts, inherits the address."""
+def start_local_ray(**options) -> None:
+    """Start a local Ray (`options` go to ray.init) whose workers know its dashboard. Ray
+    Train's placement-group cleaner asks the state API about its controller from a worker;
+    without an address it looks for "the" Ray instance on the machine, and with two running
+    (two pipelines, a benchmark next to the tests) it gives up, so a trial that Tune stops
+    keeps its CPUs and the sweep hangs (seen with Ray 2.60). The raylet, and every worker it
+    starts, inherits the address."""
     import ray
 
-    port = _free_port()
+    port = free_port()
     previous = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     try:
-        ray.init(dashboard_port=port)
+        ray.init(dashboard_port=port, **options)
     finally:  # this process's later Ray instances (tests) must not inherit it
         if previous is None:
             os.environ.pop(API_SERVER_ENV, None)
@@ -78,7 +79,8 @@ def _start_local_ray() -> None:
             os.environ[API_SERVER_ENV] = previous
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, background, free_port, wait_until
+from pipeline.cluster import free_port
+from tests.conftest import REPO_ROOT, background, wait_until
 
 INFRA = REPO_ROOT / "infra"
 KUBERAY = INFRA / "kuberay"

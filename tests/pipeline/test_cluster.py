@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.cluster import (
     check_reachable,
+    free_port,
     join,
     local_checkpoint,
     ray_address,
@@ -69,12 +70,9 @@ def test_a_checkpoint_in_uri_storage_is_read_through_its_filesystem(tmp_path):
 
 
 def test_an_address_where_no_cluster_answers_fails_in_seconds(clean_env):
-    import socket
     import time
 
-    with socket.socket() as free:  # a port nobody listens on once closed
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
+    port = free_port()
     clean_env.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
     start = time.monotonic()
     with pytest.raises(
@@ -98,7 +96,7 @@ def test_workers_of_a_local_ray_reach_its_state_api_beside_another_ray(tmp_path)
     import sys
     import tempfile
 
-    from tests.conftest import REPO_ROOT, background, free_port, wait_until
+    from tests.conftest import REPO_ROOT, background, wait_until
 
     temp = tempfile.mkdtemp(prefix="gp-other-", dir="/tmp")  # its address file stays there
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}

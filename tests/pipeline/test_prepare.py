@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pipeline.data import PreparedSplit
 from pipeline.prepare import prepare
 from pipeline.shards import DataError
 from pipeline.sources import SourceError, seeded_split, to_square
-from tests.conftest import REPO_ROOT, tree_digest
+from tests.conftest import clone_project, project_env, shell, tree_digest
 
 
 def params_for(tmp_path, model=None, **prepare_keys):
@@ -248,29 +247,14 @@ def test_interrupted_preparation_leaves_previous_output(tmp_path, previous_outpu
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="DVC needs git")
 def test_dvc_repro_twice_runs_prepare_once(tmp_path):
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO_ROOT / name, tmp_path / name)
-    shutil.copytree(
-        REPO_ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__")
-    )
-    env = {
-        **os.environ,
-        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
-    }
-
-    def sh(*cmd):
-        return subprocess.run(
-            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=True
-        )
-
-    sh("git", "init", "-q")
-    sh(sys.executable, "-m", "dvc", "init", "-q")
-    first = sh(sys.executable, "-m", "dvc", "repro", "prepare")
+    root = clone_project(tmp_path / "ganpipe")
+    sh = shell(root, project_env(root))
+    first = sh("dvc", "repro", "prepare")
     assert "Running stage 'prepare'" in first.stdout
-    manifest = json.loads((tmp_path / "data" / "prepared" / "manifest.json").read_text())
+    manifest = json.loads((root / "data" / "prepared" / "manifest.json").read_text())
     assert manifest["splits"]["train"]["rows"] == 1438
-    second = sh(sys.executable, "-m", "dvc", "repro", "prepare")
+    second = sh("dvc", "repro", "prepare")
     assert "Running stage" not in second.stdout
     assert "didn't change" in second.stdout or "up to date" in second.stdout
-    changed = sh(sys.executable, "-m", "dvc", "repro", "--dry", "prepare")
+    changed = sh("dvc", "repro", "--dry", "prepare")
     assert "Running stage" not in changed.stdout

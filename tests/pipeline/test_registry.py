@@ -4,7 +4,6 @@ exported by gan.export and an evaluate-stage metrics file written here."""
 import hashlib
 import json
 import os
-import socket
 import time
 import zlib
 from pathlib import Path
@@ -19,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from gan.export import save_generator
 from gan.models import GeneratorSpec
+from pipeline.cluster import free_port
 from pipeline.config import validate_params
 from pipeline.errors import RegistryError
 from pipeline.registry import (
@@ -86,12 +86,6 @@ def evaluation(
         "register": {"out_file": str(root / "registered.json"), **register},
         "tracking": {"uri": f"sqlite:///{db}"},
     })  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_best_candidate_follows_the_metric_direction_and_skips_diverged():

@@ -24,11 +24,12 @@ from PIL import Image
 
 from gan.export import INFO, WEIGHTS, ExportError, sha256_file
 from pipeline.cli import main
+from pipeline.cluster import free_port
 from pipeline.errors import RegistryError
 from pipeline.registry import SHA_TAG, register
 from pipeline.serving import load_generator_from_uri, sample, sample_grid
 from pipeline.tracking import mlflow_at
-from tests.pipeline.test_registry import CONDITIONAL_SPEC, evaluation, free_port
+from tests.pipeline.test_registry import CONDITIONAL_SPEC, evaluation
 
 NAME, CONDITIONAL = "ganpipe-generator", "ganpipe-conditional"
 CHAMPION = f"models:/{NAME}@champion"

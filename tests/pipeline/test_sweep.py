@@ -101,8 +101,11 @@ def test_stability_table_counts_endings_per_loss_and_learning_rate_decade():
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, log_to_driver=False)  # with its dashboard: see _check_stoppable
+    import ray
+
+    from pipeline.cluster import start_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=False)  # with its dashboard: see _check_stoppable
     yield
     ray.shutdown()
 
