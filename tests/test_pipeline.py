@@ -78,7 +78,7 @@ def test_the_registry_champion_is_the_evaluated_candidate_and_samples_a_grid(pro
     assert registered["version"] in (1, "1") and "champion" in registered["aliases"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     champion = client.get_model_version_by_alias(registered["model_name"], "champion")
-    assert champion.version == str(registered["version"])
+    assert str(champion.version) == str(registered["version"])
     evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
     fid = evaluated["candidates"][registered["candidate"]]["fid_domain"]
     assert float(champion.tags["ganpipe.metric.fid_domain"]) == pytest.approx(fid)
