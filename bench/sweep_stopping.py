@@ -78,8 +78,10 @@ def main() -> None:
             f"{name:20s} trial-steps {figures['trial_steps']:6d}  best FID "
             f"{figures['best_fid']:7.2f}  wall {figures['seconds']:6.1f} s  {figures['endings']}"
         )
-    print(f"{len(full['endings'])} trials, {args.steps} steps, ASHA reduction factor "
-          f"{args.reduction_factor}, grace = eval_every = {args.eval_every}")
+    print(
+        f"{len(full['endings'])} trials, {args.steps} steps, ASHA reduction factor "
+        f"{args.reduction_factor}, grace = eval_every = {args.eval_every}"
+    )
     print(
         f"ASHA: {asha['trial_steps'] / full['trial_steps']:.0%} of the compute, best FID "
         f"{asha['best_fid'] / full['best_fid'] - 1:+.1%} against no stopping"

@@ -157,10 +157,14 @@ class TrainParams(Section):
     checkpoint_every: Int = Field(500, ge=1, description="steps between checkpoints")
     log_every: Int = Field(50, ge=1, description="steps between metric reports")
     mixed_precision: Literal["auto", "bf16", "off"] = Field(
-        "auto", description="auto: bf16 autocast on GPUs that support it, off on CPU"
+        "auto",
+        description="auto: bf16 autocast on GPUs that support it, off on CPU (for small "
+        "models fp32 is faster: bench/RESULTS.md)",
     )
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto: on for GPU")
-    compile: Bool = Field(False, description="torch.compile G and D")
+    compile: Bool = Field(
+        False, description="torch.compile G and D (fails for dcgan on CUDA: docs/cluster.md)"
+    )
     debug_checks: Bool = Field(False, description="check all ranks agree before checkpoints")
     out_dir: str = Field("models/train", description="result.json, final weights, history")
 

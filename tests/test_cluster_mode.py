@@ -178,7 +178,8 @@ def test_the_submitted_pipeline_trains_on_both_nodes_and_registers_into_the_serv
 
     registered = json.loads((root / "models/register/registered.json").read_text())
     champion = client.get_model_version_by_alias(registered["model_name"], "champion")
-    assert str(champion.version) == str(registered["version"]) and champion.run_id == run.info.run_id
+    assert str(champion.version) == str(registered["version"])
+    assert champion.run_id == run.info.run_id
 
     # Checkpoints went to the storage URI, not into the project directory.
     storage = Path(cluster["storage"].removeprefix("file://"))
