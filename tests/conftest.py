@@ -111,6 +111,24 @@ def wait_until(ready, what: str, process: subprocess.Popen, log: Path, seconds: 
         time.sleep(0.5)
 
 
+# The longest modules first (minutes each, mostly Ray start-up and DVC), so that the README's
+# `pytest -n 2 --dist loadfile` does not end with one worker running them while the other idles.
+LONGEST_FIRST = (
+    "tests/test_pipeline.py",
+    "tests/pipeline/test_sweep.py",
+    "tests/pipeline/test_train.py",
+    "tests/test_cluster_mode.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
 def stages_run(output: str) -> list[str]:
     """The stages `dvc repro` / `dvc exp run` ran, in order, from their output."""
     return [line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")]

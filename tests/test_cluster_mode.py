@@ -32,6 +32,7 @@ from tests.conftest import (
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1200),  # the first test's fixture builds the cluster and runs the pipeline
     pytest.mark.skipif(shutil.which("git") is None, reason="DVC needs git"),
 ]
 
