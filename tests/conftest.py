@@ -112,10 +112,9 @@ def wait_until(ready, what: str, process: subprocess.Popen, log: Path, seconds: 
 
 
 # The longest modules first (minutes each, mostly Ray start-up and DVC), so that the README's
-# `pytest -n 2` does not end with one worker running them while the other idles.
+# `pytest -n 2 --dist loadfile` does not end with one worker running them while the other idles.
 LONGEST_FIRST = (
     "tests/test_pipeline.py",
-    "tests/test_pipeline_sweep.py",
     "tests/pipeline/test_sweep.py",
     "tests/pipeline/test_train.py",
     "tests/test_cluster_mode.py",

@@ -132,3 +132,28 @@ def test_an_experiment_reruns_from_training_and_shows_in_exp_show_and_plots(proj
     assert any(i.endswith("models_train_samples.png") for i in images), images
     assert any("models_evaluate_samples" in i for i in images), images
     assert all((root / "dvc_plots" / i).stat().st_size > 0 for i in images)
+
+
+def test_a_sweep_through_dvc_repro_hands_its_best_trials_to_evaluate_and_register(project):
+    root, sh, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["steps"] = 200
+    params["ray"]["num_workers"] = 1
+    params["sweep"] = {
+        "space": {"train.lr_g": {"type": "grid", "values": [1e-4, 2e-4, 4e-4, 8e-4]}},
+        "num_trials": 1, "top_k": 2, "scheduler": "asha", "eval_every": 100,
+        "eval_samples": 500,
+    }  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    swept = sh("dvc", "repro")
+    assert stages_run(swept.stdout) == ["train", "evaluate", "register"]
+    result = json.loads((root / "models" / "train" / "result.json").read_text())
+    assert len(result["trials"]) == 4 and len(result["candidates"]) == 2
+    assert all(t["stop_reason"] in ("completed", "early_stopped", "fid_worsening")
+               for t in result["trials"])  # fmt: skip
+    assert (root / "models" / "train" / "best_params.yaml").is_file()
+    evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
+    assert set(evaluated["candidates"]) == {c["name"] for c in result["candidates"]}
+    registered = json.loads((root / "models" / "register" / "registered.json").read_text())
+    assert registered["candidate"] in evaluated["candidates"]
+    assert "challenger" in registered["aliases"]
