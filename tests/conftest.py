@@ -111,8 +111,9 @@ def wait_until(ready, what: str, process: subprocess.Popen, log: Path, seconds: 
         time.sleep(0.5)
 
 
-# The longest modules first (minutes each, mostly Ray start-up and DVC), so that the README's
-# `pytest -n 2 --dist loadfile` does not end with one worker running them while the other idles.
+# The longest modules first (minutes each, mostly Ray start-up and DVC). Under the README's
+# `pytest -n 2 --dist loadfile`, xdist hands out modules by test count first; this order only
+# breaks its ties (and orders serial runs).
 LONGEST_FIRST = (
     "tests/test_pipeline.py",
     "tests/pipeline/test_sweep.py",
