@@ -16,7 +16,9 @@ figure, not a score) is timed on 2,000 images.
 Ray is not needed: the loop's Ray node census (`_node_ids`) is replaced by a constant, since
 Ray itself is not installed where this runs.
 
-    python bench/gpu_path.py [--steps 1000] [--cpu-steps 400]
+    python bench/gpu_path.py [--steps 1000] [--cpu-steps 400] [--only NAME ...]
+    python bench/gpu_path.py --steps 300 --cpu-steps 0 \
+        --set prepare.resolution=64 train.batch_size=256 --only "cuda fp32" ...
 """
 
 from __future__ import annotations
