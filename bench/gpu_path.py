@@ -43,6 +43,7 @@ from pipeline.featurenet import train_featurenet
 from pipeline.fidelity import INCEPTION, real_images, save_random_inception_weights
 from pipeline.prepare import prepare
 from pipeline.shards import read_manifest
+from pipeline.sweep import trial_eval_settings
 
 OFF = ["train.mixed_precision=off", "train.channels_last=off"]
 MLP = ["model.family=mlp", "model.spectral_norm_d=false"]
@@ -178,14 +179,7 @@ def main() -> None:
             "stage_s": round(time.perf_counter() - tick, 1)
         }
         manifest = read_manifest(params.prepare.out_dir)
-        trial_eval = {
-            "eval_samples": 1000,
-            "prepared": str(Path(params.prepare.out_dir).resolve()),
-            "featurenet": str(Path(params.featurenet.out_dir).resolve()),
-            "cache_dir": str(Path(params.evaluate.cache_dir).resolve()),
-            "seed": params.evaluate.seed,
-            "dataset_hash": manifest["dataset_hash"],
-        }
+        trial_eval = trial_eval_settings(params, manifest["dataset_hash"], eval_samples=1000)
         TrialEvaluator(trial_eval)  # loads the featurenet once: fails here, not in a run
         chosen = [n for n in RUNS if not args.only or n in args.only or RUNS[n][0] == "cpu"]
         for name in chosen:

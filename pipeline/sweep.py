@@ -276,14 +276,7 @@ def sweep(params: Params) -> dict:
     uri = tracking_uri(params)
     check_reachable(uri)
     client = MlflowClient(uri)
-    trial_eval = {
-        "eval_samples": params.sweep.eval_samples,
-        "prepared": str(Path(params.prepare.out_dir).resolve()),
-        "featurenet": str(Path(params.featurenet.out_dir).resolve()),
-        "cache_dir": str(Path(params.evaluate.cache_dir).resolve()),
-        "seed": params.evaluate.seed,
-        "dataset_hash": dataset,
-    }
+    trial_eval = trial_eval_settings(params, dataset)
     _fill_real_cache(trial_eval)  # and fails now, not in every trial, without a featurenet
     connect(params)
     _check_stoppable(params)
@@ -342,6 +335,19 @@ def sweep(params: Params) -> dict:
         raise
     client.set_terminated(parent, status="FINISHED")
     return summary
+
+
+def trial_eval_settings(params: Params, dataset_hash: str, eval_samples: int | None = None):
+    """What pipeline.evaluate.TrialEvaluator needs, with absolute paths (trials run elsewhere);
+    `eval_samples` defaults to sweep.eval_samples."""
+    return {
+        "eval_samples": eval_samples or params.sweep.eval_samples,
+        "prepared": str(Path(params.prepare.out_dir).resolve()),
+        "featurenet": str(Path(params.featurenet.out_dir).resolve()),
+        "cache_dir": str(Path(params.evaluate.cache_dir).resolve()),
+        "seed": params.evaluate.seed,
+        "dataset_hash": dataset_hash,
+    }
 
 
 def _unfinished(path: str) -> list[str]:
