@@ -123,6 +123,7 @@ def run(base: Path, name: str, steps: int, trial_eval: dict, dataset_hash: str, 
     wall = time.perf_counter() - start
     last = session.reports[-1]
     first, rates = session.reports[0], [r["images_per_s"] for r in session.reports[1:]]
+    rates = rates or [first["images_per_s"]]  # a run of one report: its warm-up is all there is
     images_per_step = params.train.batch_size * params.train.n_critic
     return {
         "run": name,
