@@ -84,7 +84,7 @@ def ray_data_rate(root: Path, shape: tuple[int, int, int]) -> tuple[float, float
     """(first epoch, second epoch) images/s through Ray Data with the same decoding."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         dataset = ray.data.read_parquet(str(root / "train"))
         size = int(np.prod(shape))

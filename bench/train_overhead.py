@@ -85,7 +85,7 @@ def main() -> None:
         prepare(base, progress=False)
         torch.set_num_threads(1)  # the Ray worker gets one CPU: compare like with like
         plain = plain_rate(base)
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         default = ray_rate(base)
         every = ray_rate(params("report-10", "train.log_every=10", "train.checkpoint_every=100000"))
         ckpt = ray_rate(params("checkpoint-20", "train.log_every=20", "train.checkpoint_every=20"))

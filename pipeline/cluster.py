@@ -64,14 +64,16 @@ def start_local_ray(**options) -> None:
     without an address it looks for "the" Ray instance on the machine, and with two running
     (two pipelines, a benchmark next to the tests) it gives up, so a trial that Tune stops
     keeps its CPUs and the sweep hangs (seen with Ray 2.60). The raylet, and every worker it
-    starts, inherits the address."""
+    starts, inherits the address. address="local": without it ray.init joins whatever cluster
+    /tmp/ray/ray_current_cluster names (another user's `ray start`, a test's cluster) and
+    dies with it."""
     import ray
 
     port = free_port()
     previous = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     try:
-        ray.init(dashboard_port=port, **options)
+        ray.init(address="local", dashboard_port=port, **options)
     finally:  # this process's later Ray instances (tests) must not inherit it
         if previous is None:
             os.environ.pop(API_SERVER_ENV, None)

@@ -90,7 +90,9 @@ def test_workers_of_a_local_ray_reach_its_state_api_beside_another_ray(tmp_path)
     """With another Ray instance on the machine, the workers of the one connect() starts still
     reach their own cluster's state API: Ray Train's placement-group cleaner asks it from a
     worker, and without an address it fails ("Found multiple active Ray instances"), leaving
-    a stopped trial's CPUs taken and the sweep hanging."""
+    a stopped trial's CPUs taken and the sweep hanging. Nor does connect() join the other
+    one, although the machine's address file (ray_current_cluster) names it: a pipeline did,
+    and died when a test's cluster went away."""
     import secrets
     import subprocess
     import sys
@@ -98,12 +100,14 @@ def test_workers_of_a_local_ray_reach_its_state_api_beside_another_ray(tmp_path)
 
     from tests.conftest import REPO_ROOT, background, wait_until
 
-    temp = tempfile.mkdtemp(prefix="gp-other-", dir="/tmp")  # its address file stays there
+    machine_temp = tempfile.mkdtemp(prefix="gp-", dir="/tmp")  # the probe's RAY_TMPDIR
+    temp = f"{machine_temp}/ray"  # so its ray_current_cluster names the other Ray
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
+    other_port = free_port()
     other = [
         str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "0",
-        "--port", str(free_port()), "--dashboard-port", str(free_port()), "--temp-dir", temp,
+        "--port", str(other_port), "--dashboard-port", str(free_port()), "--temp-dir", temp,
         "--ray-client-server-port", str(free_port()), "--disable-usage-stats",
     ]  # fmt: skip
     probe = (
@@ -117,12 +121,15 @@ def test_workers_of_a_local_ray_reach_its_state_api_beside_another_ray(tmp_path)
         "    nodes = [n.node_id for n in list_nodes()]\n"
         "    return ray.get_runtime_context().get_node_id() in nodes\n"
         "print('own cluster:', ray.get(probe.remote()))\n"
+        "print('joined:', ray.get_runtime_context().gcs_address)\n"
     )
     with background(other, env, tmp_path / "other.log") as head:
         wait_until(lambda: "Ray runtime started" in (tmp_path / "other.log").read_text(),
                    "the other Ray", head, tmp_path / "other.log")  # fmt: skip
+        assert Path(temp, "ray_current_cluster").read_text().endswith(f":{other_port}")
         out = subprocess.run(
-            [sys.executable, "-c", probe], env=env, cwd=REPO_ROOT, capture_output=True,
-            text=True, timeout=300,
+            [sys.executable, "-c", probe], env={**env, "RAY_TMPDIR": machine_temp},
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     assert "own cluster: True" in out.stdout, out.stderr[-3000:]
+    assert "joined:" in out.stdout and f":{other_port}" not in out.stdout, out.stdout
