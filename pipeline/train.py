@@ -278,20 +278,46 @@ def train_loop(config: dict, session) -> None:
                         identity,
                         data.dataset_hash,
                     )
-                    to_save = Path(tempfile.mkdtemp(prefix="ganpipe-ckpt-"))
-                    save_checkpoint(to_save / "ckpt", modules, optimizers, position)
-                    _write_history(to_save / "ckpt" / HISTORY, history)
-                    grid = _save_sample_grid(
-                        state.ema.model, params, num_classes, device, to_save / "ckpt"
-                    )
+                    to_save = checkpoint_scratch()
+                    save_checkpoint(to_save, modules, optimizers, position)
+                    _write_history(to_save / HISTORY, history)
+                    grid = _save_sample_grid(state.ema.model, params, num_classes, device, to_save)
                     if config.get("mlflow_run_id"):
                         _log_artifact(config, grid, f"samples/step_{done:07d}.png")
-            session.report(metrics, to_save / "ckpt" if to_save else None)
+            session.report(metrics, to_save)
             if to_save:
-                shutil.rmtree(to_save, ignore_errors=True)
+                shutil.rmtree(to_save.parent, ignore_errors=True)
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+SCRATCH_PREFIX = "ganpipe-ckpt-"
+
+
+def checkpoint_scratch() -> Path:
+    """An empty directory to write a checkpoint into before report() uploads it. Tune kills
+    the workers of a trial it stops inside report(), before they can remove theirs, so the
+    directory is named after this process and those of processes that are gone are removed
+    first: a sweep leaves at most one per live worker in the temp folder."""
+    base = Path(tempfile.gettempdir())
+    for stale in base.glob(f"{SCRATCH_PREFIX}*"):
+        pid = stale.name.removeprefix(SCRATCH_PREFIX)
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    own = base / f"{SCRATCH_PREFIX}{os.getpid()}"
+    shutil.rmtree(own, ignore_errors=True)
+    return own / "ckpt"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _apply_hyperparameters(state: GANTrainState, t) -> None:

@@ -290,7 +290,7 @@ def test_a_ray_without_its_dashboard_is_refused_instead_of_hanging(tmp_path):
         "from pipeline.sweep import _check_stoppable\n"
         "from tests.pipeline.test_sweep import sweep_params\n"
         "from pathlib import Path\n"
-        "ray.init(address=\"local\", num_cpus=1, include_dashboard=False, log_to_driver=False)\n"
+        'ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)\n'
         "space = {'train.lr_g': {'type': 'choice', 'values': [1e-4]}}\n"
         "try:\n"
         "    _check_stoppable(sweep_params(Path(sys.argv[1]), space))\n"

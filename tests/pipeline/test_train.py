@@ -54,6 +54,30 @@ def test_resuming_with_another_configuration_shows_the_difference():
         check_same_run(saved, run_identity(validate_params({"train": {"lr_g": 1e-3}}), "data1"))
 
 
+def test_checkpoint_scratch_removes_what_dead_workers_left_and_keeps_live_ones(
+    tmp_path, monkeypatch
+):
+    """Tune kills a stopped trial's workers inside report(), before they clean up."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from pipeline.train import SCRATCH_PREFIX, checkpoint_scratch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    for pid in (gone, str(os.getppid()), "x1"):  # a dead worker, a live one, not ours
+        (tmp_path / f"{SCRATCH_PREFIX}{pid}" / "ckpt").mkdir(parents=True)
+    (tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}" / "ckpt" / "old").mkdir(parents=True)
+    scratch = checkpoint_scratch()
+    assert scratch == tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}" / "ckpt"
+    assert not scratch.parent.exists()  # this process's last one, replaced
+    left = sorted(p.name.removeprefix(SCRATCH_PREFIX) for p in tmp_path.iterdir())
+    assert left == sorted([str(os.getppid()), "x1"])
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
