@@ -109,7 +109,7 @@ def test_an_experiment_reruns_from_training_and_shows_in_exp_show_and_plots(proj
     root, sh, _ = project
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "evaluate with other params", check=False)  # if anything changed
-    overrides = ["-S", "train.lr_g=0.0004", "-S", "train.steps=200"]
+    overrides = ["-S", "train.lr_g=0.0004", "-S", "train.steps=100"]
     ran = sh("dvc", "exp", "run", "-n", "fast-g", *overrides)
     assert stages_run(ran.stdout) == ["train", "evaluate", "register"]
     shown = json.loads(sh("dvc", "exp", "show", "--json").stdout)
@@ -120,10 +120,10 @@ def test_an_experiment_reruns_from_training_and_shows_in_exp_show_and_plots(proj
         for rev in experiment["revs"]
     }
     params = experiments["fast-g"]["params"]["params.yaml"]["data"]
-    assert (params["train"]["lr_g"], params["train"]["steps"]) == (0.0004, 200)
+    assert (params["train"]["lr_g"], params["train"]["steps"]) == (0.0004, 100)
     metrics = experiments["fast-g"]["metrics"]["metrics/evaluate.json"]["data"]
     (candidate,) = metrics["candidates"].values()
-    assert candidate["steps"] == 200 and candidate["fid_domain"] > 0
+    assert candidate["steps"] == 100 and candidate["fid_domain"] > 0
 
     sh("dvc", "plots", "show")
     html = (root / "dvc_plots" / "index.html").read_text()
@@ -134,13 +134,20 @@ def test_an_experiment_reruns_from_training_and_shows_in_exp_show_and_plots(proj
     assert all((root / "dvc_plots" / i).stat().st_size > 0 for i in images)
 
 
-def test_a_sweep_through_dvc_repro_hands_its_best_trials_to_evaluate_and_register(project):
+def test_a_sweep_through_dvc_repro_labels_unstable_trials_and_hands_the_best_on(project):
+    """Issue 6's small sweep: 4 one-worker trials under ASHA, two of them unstable on purpose
+    (an R1 weight beyond float32's range: the loss is inf at the first step)."""
+    from mlflow.tracking import MlflowClient
+
     root, sh, _ = project
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["steps"] = 200
     params["ray"]["num_workers"] = 1
     params["sweep"] = {
-        "space": {"train.lr_g": {"type": "grid", "values": [1e-4, 2e-4, 4e-4, 8e-4]}},
+        "space": {
+            "train.lr_g": {"type": "grid", "values": [2e-4, 4e-4]},
+            "train.r1_gamma": {"type": "grid", "values": [0.0, 1e39]},
+        },
         "num_trials": 1, "top_k": 2, "scheduler": "asha", "eval_every": 100,
         "eval_samples": 500,
     }  # fmt: skip
@@ -148,12 +155,33 @@ def test_a_sweep_through_dvc_repro_hands_its_best_trials_to_evaluate_and_registe
     swept = sh("dvc", "repro")
     assert stages_run(swept.stdout) == ["train", "evaluate", "register"]
     result = json.loads((root / "models" / "train" / "result.json").read_text())
-    assert len(result["trials"]) == 4 and len(result["candidates"]) == 2
-    assert all(t["stop_reason"] in ("completed", "early_stopped", "fid_worsening")
-               for t in result["trials"])  # fmt: skip
-    assert (root / "models" / "train" / "best_params.yaml").is_file()
+    assert len(result["trials"]) == 4
+    for trial in result["trials"]:
+        if trial["config"]["train.r1_gamma"] > 0:
+            assert trial["stop_reason"] == "diverged" and trial["steps"] == 0, trial
+        else:
+            assert trial["stop_reason"] in ("completed", "early_stopped", "fid_worsening"), trial
+            assert trial["steps"] >= 100 and trial["best_fid"] < 1e3, trial
+    stable = {t["run_name"] for t in result["trials"] if t["config"]["train.r1_gamma"] == 0}
+    assert {c["name"] for c in result["candidates"]} == stable
+    assert sum(row.get("diverged", 0) for row in result["stability"]) == 2
+    best = yaml.safe_load((root / "models" / "train" / "best_params.yaml").read_text())
+    assert "sweep" not in best and best["train"]["r1_gamma"] == 0.0
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    parent = client.get_run(result["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4
+    for child in children:
+        reason = child.data.tags["ganpipe.stop_reason"]
+        assert (child.info.status == "FAILED") == (reason == "diverged")
+        if reason != "diverged":
+            assert {"eval_seconds", "fid_domain", "kid_domain"} <= set(child.data.metrics)
+
     evaluated = json.loads((root / "metrics" / "evaluate.json").read_text())
-    assert set(evaluated["candidates"]) == {c["name"] for c in result["candidates"]}
+    assert set(evaluated["candidates"]) == stable
     registered = json.loads((root / "models" / "register" / "registered.json").read_text())
-    assert registered["candidate"] in evaluated["candidates"]
+    assert registered["candidate"] in stable
     assert "challenger" in registered["aliases"]
