@@ -137,15 +137,13 @@ def prepared_root(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "returncode"), [(signal.SIGINT, 130), (signal.SIGKILL, -9)])
-def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
-    tmp_path, prepared_root, sig, returncode
-):
-    """SIGINT (Ctrl-C, Tune saves its state) or SIGKILL (the driver dies; Tune's last
-    periodic state is all there is) after the first trial finished and the second has a
-    checkpoint; a new driver (`dvc repro` again) restores the sweep: the first trial is not
-    run again, the second continues in the same MLflow run."""
-    space = {"train.lr_g": {"type": "grid", "values": [2e-4, 5e-4]}}
+def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, prepared_root):
+    """Interrupted twice, as users do: SIGINT (Ctrl-C; Tune saves its state) once the first
+    trial finished and the second has a checkpoint, then SIGKILL (the driver dies; Tune's
+    last periodic state is all there is) once the second finished and the third has one.
+    Each new driver (`dvc repro` again) restores the sweep: finished trials are not run
+    again, the unfinished one continues in the same MLflow run."""
+    space = {"train.lr_g": {"type": "grid", "values": [2e-4, 5e-4, 1e-3]}}
     params = sweep_params(prepared_root, space, num_trials=1, top_k=1, max_concurrent=1)
     tree = params.model_dump(mode="json")
     tree["train"] |= {"steps": 60, "out_dir": str(tmp_path / "train")}
@@ -153,9 +151,6 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
     tree["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "params.yaml").write_text(json.dumps(tree))
     command = [sys.executable, "-m", "pipeline", "train"]
-    process = subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
 
     def steps_by_trial():
         found = {}
@@ -164,29 +159,41 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(
             found[run] = max(found.get(run, 0), json.loads(state.read_text())["step"])
         return found
 
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        done = steps_by_trial()
-        if sorted(done.values()) in ([20, 60], [40, 60]):
-            break
-        time.sleep(0.5)
-    os.kill(process.pid, sig)
-    process.wait(timeout=120)
-    assert process.returncode == returncode, process.stderr.read()[-3000:]
-    before = steps_by_trial()
-    (finished,) = [run for run, step in before.items() if step == 60]
-    finished_files = sorted(p.name for p in (tmp_path / "runs" / finished).iterdir())
+    def files_of(run):
+        return sorted(p.name for p in (tmp_path / "runs" / run).iterdir())
+
+    def interrupt_once_finished(trials, sig, returncode):
+        process = subprocess.Popen(
+            command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            steps = sorted(steps_by_trial().values())
+            if steps.count(60) == trials and len(steps) == trials + 1:
+                break
+            time.sleep(0.5)
+        os.kill(process.pid, sig)
+        process.wait(timeout=120)
+        assert process.returncode == returncode, process.stderr.read()[-3000:]
+        return {run for run, step in steps_by_trial().items() if step == 60}
+
+    (first,) = interrupt_once_finished(1, signal.SIGINT, 130)
+    first_files = files_of(first)
+    finished = interrupt_once_finished(2, signal.SIGKILL, -9)
+    assert first in finished and files_of(first) == first_files  # not run again
+    (second,) = finished - {first}
+    second_files = files_of(second)
 
     resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "train" / "result.json").read_text())
-    assert [t["stop_reason"] for t in summary["trials"]] == ["completed", "completed"]
-    assert sorted(p.name for p in (tmp_path / "runs" / finished).iterdir()) == finished_files
+    assert [t["stop_reason"] for t in summary["trials"]] == ["completed"] * 3
+    assert files_of(first) == first_files and files_of(second) == second_files
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ganpipe").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert parent.info.status == "FINISHED"
 
@@ -202,12 +209,12 @@ def test_population_based_training_exploits_checkpoints_with_the_new_learning_ra
         prepared_root, space, num_trials=4, top_k=2, scheduler="pbt", patience=100
     )
     tree = params.model_dump(mode="json")
-    tree["train"] |= {"steps": 100, "out_dir": str(tmp_path / "train")}
+    tree["train"] |= {"steps": 60, "out_dir": str(tmp_path / "train")}
     # The population must train side by side to compare: 4 half-CPU trials on 2 CPUs.
     tree["ray"] |= {"storage_path": str(tmp_path / "runs"), "cpus_per_worker": 0.5}
     summary = train(validate_params(tree))
     assert len(summary["trials"]) == 4 and len(summary["candidates"]) == 2
-    assert all(t["steps"] == 100 for t in summary["trials"])
+    assert all(t["steps"] == 60 for t in summary["trials"])
     exploits = list((tmp_path / "runs").rglob("pbt_policy_*.txt"))
     assert exploits, "PBT never exploited a better trial"
 

@@ -130,25 +130,7 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_rerun_resumes_from_the_last_checkpoint(tmp_path, ray_session, prepared):
-    from pipeline.train import train
-
-    first = train(tiny_params(tmp_path, "run", steps=8))
-    history_first = (tmp_path / "run" / "out" / "history.csv").read_text().splitlines()
-    second = train(tiny_params(tmp_path, "run", steps=12))  # same run, trained further
-    history_second = (tmp_path / "run" / "out" / "history.csv").read_text().splitlines()
-    assert first["run_name"] == second["run_name"]
-    assert second["steps"] == 12
-    assert history_second[: len(history_first)] == history_first
-    assert len(history_second) == len(history_first) + 1
-    # continued, not restarted: MLflow saw steps 4 and 8 once (a restart logs them again)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
-    logged = [m.step for m in client.get_metric_history(second["mlflow_run_id"], "loss_d")]
-    assert logged == [4, 8, 12]
-
-
-@pytest.mark.slow
-def test_non_finite_weights_stop_the_run_as_diverged_without_a_bad_checkpoint(
+def test_a_diverged_run_keeps_its_last_good_checkpoint_and_a_rerun_resumes_from_it(
     tmp_path, ray_session, prepared
 ):
     from pipeline.train import train
@@ -170,10 +152,16 @@ def test_non_finite_weights_stop_the_run_as_diverged_without_a_bad_checkpoint(
     assert run.info.status == "FAILED"
     assert "diverged at step 6" in run.data.tags["ganpipe.diverged_reason"]
 
-    # the same run trained again without the fault: resumed at step 4, finished, not diverged
+    # The same run trained again without the fault: resumed at step 4 (continued, not
+    # restarted: the history and MLflow have step 4 once), finished, not diverged.
     again = train(params)
     assert not again["diverged"] and again["steps"] == 12
+    assert again["run_name"] == result["run_name"]
     assert again["mlflow_run_id"] == result["mlflow_run_id"]
+    history = (tmp_path / "nan" / "out" / "history.csv").read_text().splitlines()
+    assert [row.split(",")[-1] for row in history[1:]] == ["4", "8", "12"]
+    logged = [m.step for m in client.get_metric_history(again["mlflow_run_id"], "loss_d")]
+    assert logged == [4, 8, 12]
     run = client.get_run(again["mlflow_run_id"])
     assert run.info.status == "FINISHED" and "ganpipe.diverged_at_step" not in run.data.tags
 
