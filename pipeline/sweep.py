@@ -322,7 +322,7 @@ def sweep(params: Params) -> dict:
             )
         with graceful_signals():
             grid = tuner.fit()
-        if _unfinished(path):  # on SIGINT Tune saves its state and returns
+        if _unfinished(path, s.total_trials):  # on SIGINT Tune saves its state and returns
             raise KeyboardInterrupt(f"sweep interrupted; `dvc repro` resumes it from {path}")
         # A restored sweep stops with the stopper saved in its state: read what it wrote.
         reasons = read_json(reasons_file) or {}
@@ -350,13 +350,20 @@ def trial_eval_settings(params: Params, dataset_hash: str, eval_samples: int | N
     }
 
 
-def _unfinished(path: str) -> list[str]:
-    """Trials the saved experiment state has not ended (the in-memory ones all read as
-    terminated after an interrupt, since Tune stops them on the way out)."""
+def _unfinished(path: str, total_trials: int) -> bool:
+    """Whether the saved experiment state is short of its end (the in-memory trials all read
+    as terminated after an interrupt, since Tune stops them on the way out)."""
     from ray.tune import ExperimentAnalysis
 
-    trials = ExperimentAnalysis(path).trials
-    return [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+    return sweep_unfinished([t.status for t in ExperimentAnalysis(path).trials], total_trials)
+
+
+def sweep_unfinished(statuses: list[str], total_trials: int) -> bool:
+    """A trial not ended, or one not started yet: an interrupt between two trials (the last
+    one just ended, e.g. stopped by ASHA, and the searcher has not made the next) leaves
+    only ended trials, and is still an interrupt."""
+    ended = sum(status in ("TERMINATED", "ERROR") for status in statuses)
+    return ended < max(len(statuses), total_trials)
 
 
 def _fill_real_cache(trial_eval: dict) -> None:

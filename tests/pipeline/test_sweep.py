@@ -85,6 +85,15 @@ def test_stopper_labels_why_a_trial_ends(tmp_path, results, reason):
     assert saved == ({"t1": reason} if reason else {})
 
 
+def test_a_sweep_is_unfinished_while_a_trial_runs_or_has_not_started():
+    from pipeline.sweep import sweep_unfinished
+
+    assert not sweep_unfinished(["TERMINATED", "ERROR", "TERMINATED"], 3)
+    assert sweep_unfinished(["TERMINATED", "RUNNING", "PENDING"], 3)
+    # Interrupted just after ASHA stopped the second of three trials: none runs, one to go.
+    assert sweep_unfinished(["TERMINATED", "TERMINATED"], 3)
+
+
 def test_stability_table_counts_endings_per_loss_and_learning_rate_decade():
     trials = [
         {"config": {"train.loss": "hinge", "train.lr_g": 2e-4}, "stop_reason": "completed"},
@@ -144,7 +153,10 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
     Each new driver (`dvc repro` again) restores the sweep: finished trials are not run
     again, the unfinished one continues in the same MLflow run."""
     space = {"train.lr_g": {"type": "grid", "values": [2e-4, 5e-4, 1e-3]}}
-    params = sweep_params(prepared_root, space, num_trials=1, top_k=1, max_concurrent=1)
+    params = sweep_params(  # FIFO, patient: every trial runs to the end (none ASHA stops)
+        prepared_root, space, num_trials=1, top_k=1, max_concurrent=1, scheduler="fifo",
+        patience=100,
+    )  # fmt: skip
     tree = params.model_dump(mode="json")
     tree["train"] |= {"steps": 60, "out_dir": str(tmp_path / "train")}
     tree["ray"]["storage_path"] = str(tmp_path / "runs")
