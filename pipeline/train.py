@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -301,13 +302,19 @@ def checkpoint_scratch() -> Path:
     directory is named after this process and those of processes that are gone are removed
     first: a sweep leaves at most one per live worker in the temp folder."""
     base = Path(tempfile.gettempdir())
+    _remove_dead_workers_scratch(base)
+    own = base / f"{SCRATCH_PREFIX}{os.getpid()}"
+    shutil.rmtree(own, ignore_errors=True)
+    return own / "ckpt"
+
+
+@functools.cache
+def _remove_dead_workers_scratch(base: Path) -> None:
+    """Once per process and temp folder: not a scan of the folder at every checkpoint."""
     for stale in base.glob(f"{SCRATCH_PREFIX}*"):
         pid = stale.name.removeprefix(SCRATCH_PREFIX)
         if pid.isdigit() and not _process_exists(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
-    own = base / f"{SCRATCH_PREFIX}{os.getpid()}"
-    shutil.rmtree(own, ignore_errors=True)
-    return own / "ckpt"
 
 
 def _process_exists(pid: int) -> bool:
