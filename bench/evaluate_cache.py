@@ -57,7 +57,7 @@ def main() -> None:
         root = Path(tmp)
         params = validate_params({
             "prepare": {"out_dir": str(root / "prepared")},
-            "featurenet": {"epochs": 3, "min_accuracy": 0.0, "out_dir": str(root / "fn"),
+            "featurenet": {"epochs": 3, "min_skill": 0.0, "out_dir": str(root / "fn"),
                            "metrics_file": str(root / "fn.json")},
         })  # fmt: skip
         prepare(params, progress=False)

@@ -39,7 +39,8 @@ def plain_rate(params) -> float:
     betas = (t.beta1, t.beta2)
     state = GANTrainState(
         g, d, torch.optim.Adam(g.parameters(), t.lr_g, betas=betas),
-        torch.optim.Adam(d.parameters(), t.lr_d, betas=betas), GeneratorEMA(g, t.ema_decay),
+        torch.optim.Adam(d.parameters(), t.lr_d, betas=betas),
+        GeneratorEMA(g, t.ema_kimg * 1000, t.batch_size, t.ema_rampup),
     )  # fmt: skip
     batches = RankLoader(split, t.batch_size, seed=t.seed).forever()
     cfg, sampler = step_config(params, torch.device("cpu")), LatentSampler(params.model.z_dim)

@@ -93,8 +93,9 @@ class ToyGANConfig:
     z_dim: int = 16
     width: int = 128
     depth: int = 3
-    ema_decay: float = 0.99  # a short average: long ones blur the generator between modes
-    ema_warmup_steps: int = 100
+    ema_kimg: float = 10.0  # EMA half-life in thousands of images: ~40 steps, a short average
+    # (long ones blur the generator between modes)
+    ema_rampup: float | None = 0.05  # half-life at most this share of the images shown so far
     eval_samples: int = 2500
     seed: int = 0
 
@@ -112,7 +113,7 @@ def train_toy_gan(cfg: ToyGANConfig) -> dict:
         discriminator=D,
         opt_g=torch.optim.Adam(G.parameters(), cfg.lr_g, betas=cfg.betas),
         opt_d=torch.optim.Adam(D.parameters(), cfg.lr_d, betas=cfg.betas),
-        ema=GeneratorEMA(G, cfg.ema_decay, cfg.ema_warmup_steps),
+        ema=GeneratorEMA(G, cfg.ema_kimg * 1000, cfg.batch_size, cfg.ema_rampup),
     )
     step_cfg = StepConfig(
         loss=cfg.loss, n_critic=cfg.n_critic, gp_weight=cfg.gp_weight, r1_gamma=cfg.r1_gamma
@@ -132,5 +133,11 @@ def train_toy_gan(cfg: ToyGANConfig) -> dict:
         )
     z, _ = fixed_latents(cfg.eval_samples, cfg.z_dim, seed=cfg.seed + 1)
     with torch.no_grad():
-        coverage = mode_coverage(state.ema.model(z), mixture)
-    return {"config": asdict(cfg), "coverage": asdict(coverage), "last_step": last}
+        coverage = mode_coverage(state.ema.averaged(sampler, cfg.seed)(z), mixture)
+        raw = mode_coverage(G.eval()(z), mixture)
+    return {
+        "config": asdict(cfg),
+        "coverage": asdict(coverage),  # of the EMA generator
+        "raw_coverage": asdict(raw),
+        "last_step": last,
+    }

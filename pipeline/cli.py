@@ -107,8 +107,9 @@ def cmd_featurenet(params: Params, args: argparse.Namespace) -> int:
         print(f"featurenet: none ({report['reason']})")
         return 0
     print(
-        f"featurenet: test accuracy {report['test_accuracy']:.4f} "
-        f"(minimum {params.featurenet.min_accuracy}); {params.featurenet.out_dir}"
+        f"featurenet: test accuracy {report['test_accuracy']:.4f}, skill "
+        f"{report['test_skill']:.3f} (minimum {params.featurenet.min_skill}), domain scores' "
+        f"trust {report['domain_trust']}; {params.featurenet.out_dir}"
     )
     return 0
 

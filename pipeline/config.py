@@ -151,8 +151,12 @@ class TrainParams(Section):
     r1_gamma: Float = Field(0.0, ge=0, description="R1 gamma (0 = off)")
     r1_every: Int = Field(1, ge=1, description="lazy R1: every k-th D update, scaled by k")
     diffaugment: tuple[AugmentPolicy, ...] = Field((), description="DiffAugment policies")
-    ema_decay: Float = Field(0.999, ge=0, lt=1, description="generator EMA decay")
-    ema_warmup_steps: Int = Field(100, ge=0, description="EMA copies G before this step")
+    ema_kimg: Float = Field(
+        10.0, ge=0, description="generator EMA half-life in thousands of images (0: no average)"
+    )
+    ema_rampup: Float | None = Field(
+        0.05, gt=0, description="EMA half-life at most this share of the images shown (None: off)"
+    )
     seed: Int = Field(0, ge=0, description="seeds weights, noise and data order (per rank)")
     checkpoint_every: Int = Field(500, ge=1, description="steps between checkpoints")
     log_every: Int = Field(50, ge=1, description="steps between metric reports")
@@ -275,8 +279,13 @@ class FeaturenetParams(Section):
     lr: Float = Field(2e-3, gt=0, le=1, description="Adam learning rate (cosine-decayed)")
     width: Int = Field(32, ge=4, le=1024, description="channels of the first conv block")
     feature_dim: Int = Field(128, ge=2, le=4096, description="penultimate features (FID/KID)")
+    min_skill: Float = Field(
+        0.5, ge=0, le=1,
+        description="the stage fails below this held-out skill, (accuracy - chance) / "
+        "(1 - chance) (0: none)",
+    )  # fmt: skip
     min_accuracy: Float = Field(
-        0.95, ge=0, le=1, description="the stage fails below this held-out accuracy"
+        0.0, ge=0, le=1, description="an absolute floor on held-out accuracy too (0: none)"
     )
     seed: Int = Field(0, ge=0, description="seeds weights and data order")
     out_dir: str = Field("models/featurenet", description="weights and their description")
@@ -314,7 +323,9 @@ class EvaluateParams(Section):
     kid_subsets: Int = Field(100, ge=1, description="KID subsets averaged")
     prc_neighborhood: Int = Field(3, ge=1, description="k of the k-NN precision/recall balls")
     batch_size: Int = Field(256, ge=1, description="images per generator/extractor batch")
-    generator: Literal["ema", "raw"] = Field("ema", description="which generator is scored")
+    generator: Literal["best", "ema", "raw"] = Field(
+        "best", description="both are scored; which one is the candidate (best: by register.metric)"
+    )
     seed: Int = Field(0, ge=0, description="seeds the generated samples")
     cache_dir: str = Field(
         ".cache/fidelity", description="real-data features, reused across candidates and runs"
@@ -512,6 +523,8 @@ KEY_ALIASES = {
     "gamma": ("r1_gamma",),
     "n_dis": ("n_critic",),
     "d_steps": ("n_critic",),
+    "ema_decay": ("ema_kimg",),
+    "ema_beta": ("ema_kimg",),
     "nz": ("z_dim",),
     "latent_dim": ("z_dim",),
     "ngf": ("g_width",),

@@ -1,14 +1,19 @@
 """The `evaluate` stage: FID / IS / KID / precision-recall of every candidate the train stage
 produced, with torch-fidelity, under a recorded protocol.
 
-Per candidate (its EMA generator by default), `evaluate.num_samples` images from seed-fixed
-noise are scored against the real `evaluate.split` with the featurenet (`*_domain` metrics,
-always) and with Inception-v3 (`*_inception`, when `evaluate.inception` is on and its weights
-are available; otherwise skipped with the reason recorded). Also per candidate: the share of
-classes its samples cover (featurenet predictions; a mode-collapse figure), and for
-conditional generators FID per class, how often samples show their conditioning class, and the
-Classification Accuracy Score (Ravuri & Vinyals 2019): the featurenet recipe trained on
-generated images only, tested on the real test split, next to the same recipe on real data.
+Per candidate, both its generators (the EMA average and the raw, last-step weights) are
+scored the same way: BatchNorm statistics recomputed for their own weights
+(gan.ema.refresh_statistics), then `evaluate.num_samples` images from seed-fixed noise against
+the real `evaluate.split` with the featurenet (`*_domain` metrics, always) and with
+Inception-v3 (`*_inception`, when `evaluate.inception` is on and its weights are available;
+otherwise skipped with the reason recorded), and the share of classes their samples cover
+(featurenet predictions; a mode-collapse figure). The better of the two by `register.metric`
+(or the one `evaluate.generator` names) is the candidate's generator: its figures are the
+candidate's, it is exported, and a large gap between the two is flagged (a broken average, or
+a raw generator that oscillates). For conditional generators the chosen one also gets FID per
+class, how often samples show their conditioning class, and the Classification Accuracy Score
+(Ravuri & Vinyals 2019): the featurenet recipe trained on generated images only, tested on
+the real test split, next to the same recipe on real data.
 
 Sanity figures frame the numbers: the FID floor (the real test split against the real train
 split), the FID ceiling (an untrained generator of the same architecture) and the IS of the
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -33,14 +39,15 @@ import numpy as np
 import torch
 import torch_fidelity
 
+from gan.ema import NORM_STATISTICS_SAMPLES, refresh_statistics
 from gan.export import save_generator, sha256_file
-from gan.sampling import generate, mix_seed
+from gan.sampling import LatentSampler, generate, mix_seed
 from pipeline.candidates import (
     GENERATORS,
     generator_from_checkpoint,
     list_candidates,
 )
-from pipeline.config import EvaluateParams, Params
+from pipeline.config import RANKING_METRICS, EvaluateParams, Params
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
 from pipeline.featurenet import fit_classifier, load_featurenet, predict, read_featurenet_info
@@ -65,6 +72,11 @@ GRID_IMAGES = 64
 # A class counts as covered when it gets at least this share of the samples it would get if
 # the generator matched the real class frequencies.
 COVERAGE_SHARE = 0.5
+GENERATOR_KINDS = ("ema", "raw")  # the two generators of every checkpoint
+# The EMA and the raw generator are flagged when one is this much worse than the other on the
+# choice metric (FID/KID ratio, or the inverse ratio of a higher-is-better figure).
+GAP_RATIO = 1.25
+GAP_TAG = "ganpipe.eval.generator_gap"
 
 
 class Scorer:
@@ -126,33 +138,47 @@ def evaluate(params: Params) -> dict:
         results, ceilings = {}, {}
         for candidate in candidates:
             tick = time.perf_counter()
-            generator, spec, run_params = generator_from_checkpoint(
-                candidate.checkpoint, manifest, c.generator
+            scored = {}
+            for which in GENERATOR_KINDS:
+                generator, spec, run_params = generator_from_checkpoint(
+                    candidate.checkpoint, manifest, which
+                )
+                ready = prepared_generator(generator.to(device), spec, c.seed)
+                fake = _samples(ready, spec, c.num_samples, c)
+                scores = scorer.score(fake, real, c.split)
+                if net is not None:
+                    scores |= _class_figures(net, fake, spec.num_classes, real_labels)
+                scored[which] = (ready, fake, scores)
+            choice = choose_generator(
+                {k: v[2] for k, v in scored.items()}, params.register.metric, c.generator
             )
-            generator.to(device)
+            generator, fake, scores = scored[choice["generator"]]
             if spec not in ceilings:  # an untrained generator of this architecture
                 ceilings[spec] = _ceiling(scorer, spec, real, device, c)
-            fake = _samples(generator, spec, c.num_samples, c)
-            scores = scorer.score(fake, real, c.split) | ceilings[spec]
-            if net is not None:
-                scores |= _class_figures(net, fake, spec.num_classes, real_labels)
+            scores = scores | ceilings[spec]
             if spec.num_classes and net is not None:
                 scores |= _per_class_fid(scorer, generator, spec, real_pixels, real_labels, c)
                 scores |= _cas(fake, spec.num_classes, test_pixels, test_labels, params, device)
             timings[f"candidate_s.{candidate.name}"] = _since(tick)
+            if choice["gap_flagged"]:
+                log.warning("candidate %s: %s", candidate.name, choice["gap"])
             results[candidate.name] = {
                 "diverged": candidate.diverged,
                 "steps": candidate.steps,
                 "mlflow_run_id": candidate.mlflow_run_id,
                 **scores,
+                "generator": choice.pop("generator"),
+                "generator_choice": choice,
+                "by_generator": {k: v[2] for k, v in scored.items()},
             }
-            _export(staging, candidate, generator.cpu(), spec, run_params, manifest, c)
+            chosen = results[candidate.name]["generator"]
+            _export(staging, candidate, generator.cpu(), spec, run_params, manifest, c, chosen)
         report = {
             "protocol": protocol,
             "sanity": sanity,
             "candidates": results,
             "inception": inception,
-            "featurenet": {k: net_info.get(k) for k in ("available", "test_accuracy", "reason")},
+            "featurenet": _domain_trust(net_info, sanity, ceilings),
             "timings": timings,
         }
         _log_to_runs(uri, report, staging)
@@ -161,6 +187,52 @@ def evaluate(params: Params) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
     write_json(c.metrics_file, report)
     return report
+
+
+def prepared_generator(generator: torch.nn.Module, spec, seed: int) -> torch.nn.Module:
+    """The generator in eval mode with BatchNorm statistics of its own weights, recomputed on
+    seed-fixed noise: the same treatment for the EMA and the raw generator."""
+    sampler = LatentSampler(spec.z_dim, spec.num_classes)
+    return refresh_statistics(generator, sampler, mix_seed(seed, NORM_STATISTICS_SAMPLES))
+
+
+def choose_generator(scores: dict[str, dict], metric: str, rule: str) -> dict:
+    """Which of a checkpoint's generators is the candidate (`rule`: best, ema or raw), how the
+    two compare on `metric` and whether their gap is large (GAP_RATIO).
+
+    `metric` is register.metric; when the two were not both scored on it (CAS is computed for
+    the chosen generator only, Inception may be off), FID in featurenet features decides."""
+    if not all(_finite(s.get(metric)) for s in scores.values()):
+        metric = "fid_domain" if all("fid_domain" in s for s in scores.values()) else None
+    if metric is None:
+        gap = "no metric both generators were scored on"
+        chosen = "ema" if rule == "best" else rule
+        return {"generator": chosen, "rule": rule, "metric": None, "gap_flagged": False, "gap": gap}
+    ema, raw = scores["ema"][metric], scores["raw"][metric]
+    lower_is_better = RANKING_METRICS.get(metric, "min") == "min"
+    ema_wins = ema <= raw if lower_is_better else ema >= raw
+    best, worst = (ema, raw) if ema_wins else (raw, ema)
+    numerator, denominator = (worst, best) if lower_is_better else (best, worst)
+    ratio = numerator / denominator if denominator > 0 else math.inf
+    gap_flagged = ratio > GAP_RATIO
+    loser, winner = ("raw", "ema") if ema_wins else ("ema", "raw")
+    gap = f"{loser} {metric} {worst:.4g} vs {winner} {best:.4g} ({ratio:.2f}x worse)"
+    if gap_flagged:
+        gap += f": above the {GAP_RATIO}x a healthy pair keeps; check the EMA and training"
+    return {
+        "generator": (winner if rule == "best" else rule),
+        "rule": rule,
+        "metric": metric,
+        "ema": ema,
+        "raw": raw,
+        "gap_ratio": ratio,
+        "gap_flagged": gap_flagged,
+        "gap": gap,
+    }
+
+
+def _finite(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _featurenet(params: Params, manifest: dict):
@@ -175,6 +247,27 @@ def _featurenet(params: Params, manifest: dict):
     if not info["available"]:
         return None, info
     return load_featurenet(params.featurenet.out_dir)
+
+
+# Below this ratio of an untrained generator's FID to the real-vs-real FID the featurenet's
+# features hardly tell generated images from real ones.
+MIN_SEPARATION = 10.0
+
+
+def _domain_trust(net_info: dict, sanity: dict, ceilings: dict) -> dict:
+    """How far the *_domain scores can be trusted: the featurenet's accuracy and skill above
+    chance (its trust level, pipeline.featurenet.TRUST_LEVELS), and whether its features
+    separate real from generated images (the untrained generator's FID over the floor)."""
+    keys = ("available", "test_accuracy", "chance_accuracy", "test_skill", "domain_trust",
+            "domain_trust_meaning", "reason")  # fmt: skip
+    trust = {k: net_info[k] for k in keys if k in net_info}
+    floor = sanity.get("fid_floor_domain")
+    ceiling = [c["fid_ceiling_domain"] for c in ceilings.values() if "fid_ceiling_domain" in c]
+    if floor and ceiling:
+        separation = min(ceiling) / floor
+        trust["separation"] = separation
+        trust["separates_real_from_generated"] = separation >= MIN_SEPARATION
+    return trust
 
 
 def _extractors(params: Params, net_info: dict) -> tuple[dict, dict]:
@@ -220,6 +313,7 @@ def _protocol(params: Params, manifest: dict, extractors: dict, real: int, test:
         "real_samples": real,
         "floor_samples": test,
         "generator": c.generator,
+        "norm_statistics_samples": NORM_STATISTICS_SAMPLES,
         "seed": c.seed,
         "kid_subset_size": c.kid_subset_size,
         "kid_subsets": c.kid_subsets,
@@ -301,7 +395,9 @@ def _nhwc(fake: torch.Tensor) -> np.ndarray:
     return quantize(fake).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _export(staging: Path, candidate, generator, spec, run_params, manifest, config) -> None:
+def _export(
+    staging: Path, candidate, generator, spec, run_params, manifest, config, which: str
+) -> None:
     """The candidate's sample grid and its generator, as the register stage packages it."""
     from torchvision.utils import save_image
 
@@ -311,7 +407,7 @@ def _export(staging: Path, candidate, generator, spec, run_params, manifest, con
     save_generator(
         staging / GENERATORS / candidate.name, generator, spec, candidate=candidate.name,
         mlflow_run_id=candidate.mlflow_run_id, dataset_hash=manifest["dataset_hash"],
-        class_names=manifest.get("class_names", []), which=config.generator,
+        class_names=manifest.get("class_names", []), which=which,
         steps=candidate.steps, params=run_params,
     )  # fmt: skip
 
@@ -335,10 +431,16 @@ def _log_to_runs(uri: str, report: dict, out_dir: Path) -> None:
             continue
         values = {k: v for k, v in result.items() if isinstance(v, float)}
         values |= {f"sanity.{k}": v for k, v in report["sanity"].items()}
+        for which, scores in result["by_generator"].items():
+            values |= {f"{which}.{k}": v for k, v in scores.items() if isinstance(v, float)}
         client.log_batch(
             run_id,
             metrics=[Metric(f"eval.{k}", v, now, result["steps"]) for k, v in values.items()],
         )
+        choice = result["generator_choice"]
+        client.set_tag(run_id, "ganpipe.eval.generator", result["generator"])
+        flagged = "FLAGGED: " if choice["gap_flagged"] else ""
+        client.set_tag(run_id, GAP_TAG, flagged + choice["gap"])
         client.set_tag(run_id, "ganpipe.eval.protocol_id", report["protocol"]["id"])
         client.set_tag(run_id, "ganpipe.eval.protocol", json_tag(report["protocol"]))
         client.log_artifact(run_id, str(out_dir / SAMPLES / f"{name}.png"), "evaluate")

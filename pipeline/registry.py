@@ -55,7 +55,8 @@ TAG = "ganpipe."
 SHA_TAG = TAG + "weights_sha256"
 PROTOCOL_ID_TAG = TAG + "protocol_id"
 METRIC_TAG = TAG + "metric."
-REFRESHED = (TAG + "protocol", PROTOCOL_ID_TAG, TAG + "primary_metric")
+GENERATOR_TAG = TAG + "generator"  # ema or raw: which of the run's generators this is
+REFRESHED = (TAG + "protocol", PROTOCOL_ID_TAG, TAG + "primary_metric", TAG + "generator_gap")
 
 
 def register(params: Params) -> dict:
@@ -69,18 +70,20 @@ def register(params: Params) -> dict:
     uri = tracking_uri(params)
     client = open_registry(uri)
     tags = _version_tags(candidate, scores, info, report["protocol"], cfg.metric)
+    description = _description(candidate, scores, cfg.metric, tags[GENERATOR_TAG])
     try:
         version = _find_version(client, cfg.model_name, sha)
         if version is None:
             with mlflow_at(uri):  # log_model and create_model_version resolve through it
                 run_id = scores.get("mlflow_run_id")
                 model = _log_generator(client, params, directory, spec, sha, run_id, candidate)
-                version = _new_version(client, cfg.model_name, model, tags)
+                version = _new_version(client, cfg.model_name, model, tags, description)
             reused = ""
         else:  # the same weights: its scores follow this evaluation; provenance stays
             for key, tag in tags.items():
                 if key in REFRESHED or key.startswith(METRIC_TAG):
                     client.set_model_version_tag(cfg.model_name, version.version, key, tag)
+            client.update_model_version(cfg.model_name, version.version, description)
             reused = f"already registered as version {version.version}; "
         promoted, reason = _decide(client, params, version.version, value, tags[PROTOCOL_ID_TAG])
         client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, version.version)
@@ -98,6 +101,7 @@ def register(params: Params) -> dict:
         "metric": cfg.metric,
         "value": value,
         "promoted": promoted,
+        "generator": tags[GENERATOR_TAG],
         "weights_sha256": sha,
         "message": reused + reason,
     }
@@ -186,8 +190,22 @@ def _version_tags(candidate: str, scores: dict, info: dict, protocol: dict, metr
         PROTOCOL_ID_TAG: protocol["ids"][metric_extractor(metric)],
         SHA_TAG: info["weights_sha256"],
         TAG + "primary_metric": metric,
+        GENERATOR_TAG: info.get("which", "unknown"),
+        TAG + "generator_gap": scores.get("generator_choice", {}).get("gap", "not recorded"),
         **{METRIC_TAG + k: repr(float(v)) for k, v in sorted(metrics.items())},
     }
+
+
+def _description(candidate: str, scores: dict, metric: str, which: str) -> str:
+    """The model version's description: what it is and why this generator of the run."""
+    choice = scores.get("generator_choice", {})
+    text = (
+        f"{which} generator of training run {candidate}: {metric} {float(scores[metric]):.4g}. "
+        f"Evaluate scored both the EMA and the raw generator (rule: {choice.get('rule', '?')}); "
+        f"{choice.get('gap', 'no comparison recorded')}."
+    )
+    warning = "WARNING: the two generators differ a lot. " if choice.get("gap_flagged") else ""
+    return warning + text
 
 
 def _find_version(client: MlflowClient, name: str, sha: str) -> ModelVersion | None:
@@ -264,15 +282,18 @@ def _log_generator(
     return info
 
 
-def _new_version(client: MlflowClient, name: str, model: ModelInfo, tags: dict) -> ModelVersion:
+def _new_version(
+    client: MlflowClient, name: str, model: ModelInfo, tags: dict, description: str
+) -> ModelVersion:
     """A new version of registered model `name` (created if needed) for the logged model."""
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name)
     return client.create_model_version(
-        name, model.model_uri, run_id=model.run_id, tags=tags, model_id=model.model_id
-    )
+        name, model.model_uri, run_id=model.run_id, tags=tags, model_id=model.model_id,
+        description=description,
+    )  # fmt: skip
 
 
 def _decide(client: MlflowClient, params: Params, version: str, value: float, protocol_id: str):

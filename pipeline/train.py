@@ -205,7 +205,8 @@ def train_loop(config: dict, session) -> None:
         g, d,
         torch.optim.Adam(g.parameters(), t.lr_g, betas=betas),
         torch.optim.Adam(d.parameters(), t.lr_d, betas=betas),
-        GeneratorEMA(g, t.ema_decay, t.ema_warmup_steps),  # from rank 0's broadcast weights
+        # from rank 0's broadcast weights
+        GeneratorEMA(g, t.ema_kimg * 1000, t.batch_size * world, t.ema_rampup),
     )  # fmt: skip
     modules = {"generator": g, "generator_ema": state.ema.model, "discriminator": d}
     optimizers = {"opt_g": state.opt_g, "opt_d": state.opt_d}
@@ -260,6 +261,9 @@ def train_loop(config: dict, session) -> None:
                 continue
             elapsed = time.perf_counter() - tick
             metrics |= {"step": done, "images_per_s": images / elapsed, "diverged": False}
+            saving = done % t.checkpoint_every == 0 or done == t.steps
+            if evaluator is not None or saving:  # statistics for the averaged weights
+                state.ema.averaged(sampler, t.seed)
             if evaluator is not None:
                 metrics |= evaluator(state.ema.model, spec)
             tick, images = time.perf_counter(), 0
@@ -267,7 +271,7 @@ def train_loop(config: dict, session) -> None:
             if rank == 0 and config.get("mlflow_run_id"):
                 _log_metrics(config, metrics, done)
             to_save = None
-            if done % t.checkpoint_every == 0 or done == t.steps:
+            if saving:
                 if t.debug_checks and not weights_agree([g, d, state.ema.model]):
                     raise RuntimeError(f"ranks hold different weights at step {done}")
                 if rank == 0:

@@ -25,7 +25,7 @@ def make_state(num_classes=0, family="dcgan", seed=0, norm="none"):
         discriminator=d,
         opt_g=torch.optim.Adam(g.parameters(), 1e-3, betas=(0.0, 0.9)),
         opt_d=torch.optim.Adam(d.parameters(), 1e-3, betas=(0.0, 0.9)),
-        ema=GeneratorEMA(g, 0.9),
+        ema=GeneratorEMA(g, half_life_images=1, images_per_step=1, rampup=None),  # beta 0.5
     )
 
 
@@ -130,13 +130,13 @@ def test_conditional_step():
 
 
 def test_ema_blends_each_generator_update_with_its_decay():
-    state = make_state()  # EMA decay 0.9, no warm-up
+    state = make_state()  # EMA beta 0.5 (a half-life of one step), no ramp-up
     expected = weights(state.ema.model)
     data, sampler = batches(), LatentSampler(8)
     for step in range(2):
         train_step(state, data, StepConfig(loss="hinge"), sampler, step_generator(0, 0, step), step)
         expected = [
-            0.9 * e + 0.1 * g for e, g in zip(expected, weights(state.generator), strict=True)
+            0.5 * e + 0.5 * g for e, g in zip(expected, weights(state.generator), strict=True)
         ]
     for a, b in zip(weights(state.ema.model), expected, strict=True):
         torch.testing.assert_close(a, b)

@@ -67,7 +67,7 @@ def _train_and_compare(rank: int, cfg: StepConfig, classes: int, norm: str) -> t
         d,
         torch.optim.Adam(g.parameters(), 1e-3),
         torch.optim.Adam(d.parameters(), 1e-3),
-        GeneratorEMA(g, decay=0.5),
+        GeneratorEMA(g, half_life_images=1, images_per_step=1, rampup=None),
     )
     data, sampler = _batches(rank, classes), LatentSampler(8, classes)
     for step in range(3):

@@ -23,7 +23,7 @@ def make(seed):
     g = build_generator("dcgan", channels=1, resolution=8, z_dim=4, width=4, num_classes=3)
     d = build_discriminator("resnet", channels=1, resolution=8, width=4, num_classes=3)
     opt_g, opt_d = torch.optim.Adam(g.parameters(), 1e-3), torch.optim.Adam(d.parameters(), 2e-3)
-    modules = {"generator": g, "generator_ema": GeneratorEMA(g, 0.9).model, "discriminator": d}
+    modules = {"generator": g, "generator_ema": GeneratorEMA(g, 1, 1).model, "discriminator": d}
     return modules, {"opt_g": opt_g, "opt_d": opt_d}
 
 

@@ -29,7 +29,9 @@ from pipeline.evaluate import (
     _class_figures,
     _extractors,
     _per_class_fid,
+    choose_generator,
     evaluate,
+    prepared_generator,
 )
 from pipeline.featurenet import load_featurenet, read_featurenet_info, train_featurenet
 from pipeline.prepare import prepare
@@ -148,12 +150,53 @@ def test_grids_and_exported_generators_reproduce_the_checkpoint(scored):
         with Image.open(root / "evaluate" / "samples" / f"{name}.png") as grid:
             assert grid.size == (8 * 8 + 9 * 2, 8 * 8 + 9 * 2)  # 8x8 images, 2-pixel padding
         exported, spec, info = load_generator(root / "evaluate" / "generators" / name)
-        original, original_spec, _ = generator_from_checkpoint(root / "train" / name, manifest)
+        which = scored[2]["candidates"][name]["generator"]
+        assert info["which"] == which
+        original, original_spec, _ = generator_from_checkpoint(
+            root / "train" / name, manifest, which
+        )
+        original = prepared_generator(original, original_spec, params.evaluate.seed)
         assert spec == original_spec and info["candidate"] == name
         assert info["params"]["dataset"] == manifest["dataset_hash"]
         a = generate(exported, 4, spec.z_dim, spec.num_classes, seed=3)
         b = generate(original, 4, spec.z_dim, spec.num_classes, seed=3)
         assert torch.equal(a, b)
+
+
+def test_both_generators_are_scored_and_the_better_one_is_the_candidate(scored):
+    _, _, report, _ = scored
+    for name, result in report["candidates"].items():
+        ema, raw = result["by_generator"]["ema"], result["by_generator"]["raw"]
+        assert {"fid_domain", "kid_domain", "class_coverage_domain"} <= ema.keys() & raw.keys()
+        best = min(("ema", "raw"), key=lambda k: result["by_generator"][k]["fid_domain"])
+        assert result["generator"] == best, name
+        assert result["fid_domain"] == result["by_generator"][best]["fid_domain"]
+        choice = result["generator_choice"]
+        assert choice["metric"] == "fid_domain" and choice["rule"] == "best"
+        fids = ema["fid_domain"], raw["fid_domain"]
+        assert choice["gap_ratio"] == pytest.approx(max(fids) / min(fids))
+
+
+def scores(ema, raw, metric="fid_domain"):
+    return {"ema": {metric: ema}, "raw": {metric: raw}}
+
+
+def test_choice_of_generator_and_the_gap_flag():
+    broken_average = choose_generator(scores(169.0, 20.1), "fid_domain", "best")
+    assert broken_average["generator"] == "raw" and broken_average["gap_flagged"]
+    assert broken_average["gap_ratio"] == pytest.approx(169.0 / 20.1)
+    assert "ema fid_domain 169 vs raw 20.1 (8.41x worse)" in broken_average["gap"]
+    healthy = choose_generator(scores(18.0, 20.0), "fid_domain", "best")
+    assert healthy["generator"] == "ema" and not healthy["gap_flagged"]
+    # higher is better: the ratio is best / worst
+    coverage = choose_generator(scores(0.3, 0.9, "recall_domain"), "recall_domain", "best")
+    assert coverage["generator"] == "raw" and coverage["gap_ratio"] == pytest.approx(3.0)
+    # a fixed rule keeps its generator but still reports (and flags) the gap
+    forced = choose_generator(scores(169.0, 20.1), "fid_domain", "ema")
+    assert forced["generator"] == "ema" and forced["gap_flagged"]
+    # a metric only the chosen generator gets (CAS): FID decides
+    both = {k: {"fid_domain": v} for k, v in (("ema", 30.0), ("raw", 10.0))}
+    assert choose_generator(both, "cas_accuracy", "best")["metric"] == "fid_domain"
 
 
 def test_metrics_and_grid_are_logged_to_each_candidates_mlflow_run(scored):
@@ -163,6 +206,12 @@ def test_metrics_and_grid_are_logged_to_each_candidates_mlflow_run(scored):
         assert run.data.metrics["eval.fid_domain"] == pytest.approx(scores["fid_domain"])
         assert "eval.sanity.fid_floor_domain" in run.data.metrics
         assert run.data.tags["ganpipe.eval.protocol_id"] == report["protocol"]["id"]
+        assert run.data.tags["ganpipe.eval.generator"] == scores["generator"]
+        assert scores["generator_choice"]["gap"] in run.data.tags["ganpipe.eval.generator_gap"]
+        for which in ("ema", "raw"):
+            assert run.data.metrics[f"eval.{which}.fid_domain"] == pytest.approx(
+                scores["by_generator"][which]["fid_domain"]
+            )
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "evaluate")]
         assert artifacts == [f"evaluate/{name}.png"]
 

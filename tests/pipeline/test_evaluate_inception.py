@@ -39,7 +39,7 @@ def rgb_setup(tmp_path, image_folder):
         return eval_params(
             tmp_path,
             prepare_={"source": "imagefolder", "image_dir": str(image_folder), "channels": 3},
-            featurenet={"epochs": 2, "min_accuracy": 0.0},
+            featurenet={"epochs": 2, "min_skill": 0.0},
             evaluate={
                 "num_samples": 8,
                 "kid_subset_size": 4,

@@ -15,7 +15,9 @@ from pipeline.featurenet import (
     load_featurenet,
     predict,
     read_featurenet_info,
+    skill,
     train_featurenet,
+    trust,
 )
 from pipeline.prepare import prepare
 from tests.conftest import tree_digest
@@ -35,14 +37,30 @@ def digits_params(tmp_path, **featurenet):
     )
 
 
-def test_digits_featurenet_is_accurate_and_reloads_to_the_same_predictions(tmp_path):
+def test_digits_featurenet_is_accurate_and_reloads_to_the_same_predictions(tmp_path, capsys):
     params = digits_params(tmp_path, epochs=8)
     prepare(params)
+    capsys.readouterr()
     report = train_featurenet(params)
     assert report["test_accuracy"] >= 0.95
     metrics = json.loads((tmp_path / "metrics" / "featurenet.json").read_text())
     assert metrics["test_accuracy"] == report["test_accuracy"]
     assert metrics["num_classes"] == 10
+    # digits' test split: the largest class holds 42 of 359 images
+    assert metrics["chance_accuracy"] == pytest.approx(42 / 359)
+    expected_skill = (report["test_accuracy"] - metrics["chance_accuracy"]) / (
+        1 - metrics["chance_accuracy"]
+    )
+    assert metrics["test_skill"] == pytest.approx(expected_skill)
+    assert metrics["domain_trust"] == "high"
+    # it trains visibly: one line per epoch with loss and accuracy, then the verdict
+    err = capsys.readouterr().err.splitlines()
+    epochs = [line for line in err if line.startswith("featurenet epoch ")]
+    assert len(epochs) == 8 and epochs[-1].startswith("featurenet epoch 8/8: loss ")
+    assert "train accuracy" in epochs[-1]
+    losses = [float(line.split("loss ")[1].split(",")[0]) for line in epochs]
+    assert losses[-1] < losses[0] / 3
+    assert any("skill" in line and "trust high" in line for line in err)
 
     net, info = load_featurenet(tmp_path / "featurenet")
     assert info["dataset_hash"] and info["resolution"] == 8 and info["channels"] == 1
@@ -53,19 +71,35 @@ def test_digits_featurenet_is_accurate_and_reloads_to_the_same_predictions(tmp_p
 
 
 def test_too_low_accuracy_fails_and_keeps_the_previous_featurenet(tmp_path):
-    params = digits_params(tmp_path, epochs=1, min_accuracy=0.0)
+    params = digits_params(tmp_path, epochs=1, min_skill=0.0)
     prepare(params)
     train_featurenet(params)
     before = tree_digest(tmp_path / "featurenet")
-    strict = digits_params(tmp_path, epochs=1, width=4, min_accuracy=1.0)
+    strict = digits_params(tmp_path, epochs=1, width=4, min_skill=0.0, min_accuracy=1.0)
     with pytest.raises(EvaluationError, match="below featurenet.min_accuracy 1.0"):
         train_featurenet(strict)
     assert tree_digest(tmp_path / "featurenet") == before
     assert not list(tmp_path.glob(".featurenet*")), "no staging directory is left behind"
+    unskilled = digits_params(tmp_path, epochs=1, width=4, min_skill=1.0)
+    with pytest.raises(EvaluationError, match=r"skill -?0\.\d+ is below featurenet.min_skill 1.0"):
+        train_featurenet(unskilled)
+    assert tree_digest(tmp_path / "featurenet") == before
+
+
+def test_the_accuracy_floor_is_relative_to_chance():
+    balanced = np.repeat(np.arange(10), 100)
+    # a small CNN's accuracy on a CIFAR-10 folder: far from 0.95, far above chance
+    chance, cifar_skill = skill(0.666, balanced)
+    assert chance == 0.1 and cifar_skill == pytest.approx(0.629, abs=1e-3)
+    assert cifar_skill >= validate_params({}).featurenet.min_skill
+    assert trust(cifar_skill)[0] == "moderate"
+    assert trust(0.99)[0] == "high" and trust(0.2)[0] == "low"
+    # two classes, 90% of one: 0.9 accuracy is no skill at all
+    assert skill(0.9, np.array([0] * 90 + [1] * 10)) == pytest.approx((0.9, 0.0))
 
 
 def test_tampered_weights_are_refused(tmp_path):
-    params = digits_params(tmp_path, epochs=1, min_accuracy=0.0)
+    params = digits_params(tmp_path, epochs=1, min_skill=0.0)
     prepare(params)
     train_featurenet(params)
     (tmp_path / "featurenet" / WEIGHTS).write_bytes(b"not the weights")

@@ -128,11 +128,14 @@ def test_register_logs_a_pickle_free_model_with_its_identity_tags(tmp_path, monk
         {
             "a": {"fid_domain": 20.0, "is_domain": 2.0},
             "b": {"fid_domain": 5.0, "is_domain": 9.0, "diverged": True},
-            "c": {"fid_domain": 10.0, "is_domain": 3.0, "mlflow_run_id": training_run},
+            "c": {
+                "fid_domain": 10.0, "is_domain": 3.0, "mlflow_run_id": training_run,
+                "generator_choice": {"rule": "best", "gap_flagged": True, "gap": "ema 9x worse"},
+            },
         },
         db,
         metric="is_domain",
-    )
+    )  # fmt: skip
     tracking_before = mlflow.get_tracking_uri()
     summary = register(params)
     # MLflow's global tracking URI (and the variable that carries it) are left as they were.
@@ -154,6 +157,11 @@ def test_register_logs_a_pickle_free_model_with_its_identity_tags(tmp_path, monk
     assert tags["ganpipe.dataset_hash"] == "d" * 64 and tags["ganpipe.git_commit"]
     assert float(tags["ganpipe.metric.fid_domain"]) == 10.0
     assert float(tags["ganpipe.metric.is_domain"]) == 3.0
+    # which of the run's generators it is, and how the other one compared
+    assert tags["ganpipe.generator"] == summary["generator"] == "ema"
+    assert tags["ganpipe.generator_gap"] == "ema 9x worse"
+    assert version.description.startswith("WARNING: the two generators differ a lot. ema gen")
+    assert "is_domain 3" in version.description and "ema 9x worse" in version.description
 
     with mlflow_at(f"sqlite:///{db}"):
         model_dir = Path(

@@ -241,7 +241,7 @@ def test_an_exploited_checkpoint_trains_on_with_this_trials_learning_rates(tmp_p
     g, d = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
     state = GANTrainState(
         g, d, torch.optim.Adam(g.parameters(), 1e-2), torch.optim.Adam(d.parameters(), 1e-2),
-        GeneratorEMA(g, 0.9),
+        GeneratorEMA(g, 1, 1),
     )  # fmt: skip
     source = torch.optim.Adam(g.parameters(), 7e-3, betas=(0.1, 0.2)).state_dict()
     state.opt_g.load_state_dict(source)  # what restoring the better trial's checkpoint does
