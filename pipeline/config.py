@@ -274,7 +274,9 @@ class SweepParams(Section):
 class FeaturenetParams(Section):
     """The domain classifier whose features and logits score generators offline (`featurenet`)."""
 
-    epochs: Int = Field(15, ge=1, le=1000, description="passes over the train split")
+    epochs: Int = Field(
+        10, ge=1, le=1000, description="passes over the train split (~2 min: 8k 32-px RGB images)"
+    )
     batch_size: Int = Field(128, ge=1, description="images per optimiser step")
     lr: Float = Field(2e-3, gt=0, le=1, description="Adam learning rate (cosine-decayed)")
     width: Int = Field(32, ge=4, le=1024, description="channels of the first conv block")

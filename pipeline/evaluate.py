@@ -147,7 +147,7 @@ def evaluate(params: Params) -> dict:
                 fake = _samples(ready, spec, c.num_samples, c)
                 scores = scorer.score(fake, real, c.split)
                 if net is not None:
-                    scores |= _class_figures(net, fake, spec.num_classes, real_labels)
+                    scores |= class_figures(net, fake, spec.num_classes, real_labels)
                 scored[which] = (ready, fake, scores)
             choice = choose_generator(
                 {k: v[2] for k, v in scored.items()}, params.register.metric, c.generator
@@ -353,7 +353,7 @@ def _ceiling(scorer: Scorer, spec, real, device, config) -> dict[str, float]:
     return {f"fid_ceiling_{k[4:]}": v for k, v in fid.items()}
 
 
-def _class_figures(net, fake: torch.Tensor, num_classes: int, real_labels) -> dict:
+def class_figures(net, fake: torch.Tensor, num_classes: int, real_labels) -> dict:
     """Class coverage of the samples (featurenet predictions vs the real class frequencies);
     for conditional generators also how often a sample shows its conditioning class."""
     predicted = predict(net, _nhwc(fake))
@@ -473,5 +473,5 @@ class TrialEvaluator:
         tick = time.perf_counter()
         fake = _samples(generator, spec, self.samples, self.config)
         scores = self.scorer.score(fake, self.real, "train", ("fid", "kid"))
-        scores |= _class_figures(self.net, fake, spec.num_classes, self.labels)
+        scores |= class_figures(self.net, fake, spec.num_classes, self.labels)
         return {**scores, "eval_seconds": time.perf_counter() - tick}

@@ -49,7 +49,7 @@ WEIGHTS, INFO = "featurenet.safetensors", "featurenet.json"
 TRUST_LEVELS = (
     (0.9, "high", "the classes are well separated in these features: domain FID/IS/KID, "
                   "precision/recall and class coverage are all meaningful"),
-    (0.6, "moderate", "the features describe the data but classes overlap: FID/KID and "
+    (0.5, "moderate", "the features describe the data but classes overlap: FID/KID and "
                       "precision/recall rank generators; IS and class coverage are rough"),
     (0.0, "low", "the features separate the classes poorly: compare generators by FID/KID "
                  "only, and check them against Inception (evaluate.inception) where possible"),

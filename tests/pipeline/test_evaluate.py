@@ -26,10 +26,10 @@ from pipeline.errors import EvaluationError
 from pipeline.evaluate import (
     Scorer,
     _cas,
-    _class_figures,
     _extractors,
     _per_class_fid,
     choose_generator,
+    class_figures,
     evaluate,
     prepared_generator,
 )
@@ -291,7 +291,7 @@ def test_class_figures_reward_samples_of_the_conditioning_class_only(scored):
         oracle = Oracle(pixels, labels, offset)
         fake = generate(oracle, c.num_samples, spec.z_dim, 10, seed=0)
         figures[offset] = (
-            _class_figures(net, fake, 10, labels)
+            class_figures(net, fake, 10, labels)
             | _per_class_fid(scorer, oracle, spec, pixels, labels, c)
             | _cas(fake, 10, test_pixels, test_labels, params, torch.device("cpu"))
         )
