@@ -5,9 +5,11 @@ Yazici et al. 2019, "The Unusual Effectiveness of Averaging in GAN Training"; th
 StyleGAN2-ADA (Karras et al. 2020, training_loop.py `ema_kimg` / `ema_rampup`): a half-life in
 images shown, not a decay per step, so the average spans the same amount of training whatever
 the batch size and worker count, and a ramp-up (the half-life is at most `rampup` x the images
-shown so far) so that a short run is not dominated by its random initial weights. Defaults
-(10k images, ramp-up 0.05): a 1,000-step run at batch 128 ends with a half-life of 50 steps,
-a million-step run with one of 10k images.
+shown so far) so that a short run is not dominated by its random initial weights. Defaults:
+10k images as StyleGAN2-ADA, ramp-up 0.01 where it uses 0.05: early in training the generator
+moves fast, and measured on 32-px CIFAR-10 over 1-6k-step runs a half-life longer than about
+10 steps made the average worse than the raw generator (bench/RESULTS.md). A 1,000-step run
+at batch 128 ends with a half-life of 10 steps; from 1M images on it is 10k images.
 
 BatchNorm running statistics are not averaged and not copied from the live generator: those
 belong to the live weights (and, under train-mode forwards, lag them), and an averaged
@@ -104,7 +106,7 @@ class GeneratorEMA:
         generator: nn.Module,
         half_life_images: float,
         images_per_step: int,
-        rampup: float | None = 0.05,
+        rampup: float | None = 0.01,
     ):
         if half_life_images < 0:
             raise ValueError(f"EMA half-life must be >= 0 images, got {half_life_images}")

@@ -32,6 +32,7 @@ from pydantic_core import PydanticCustomError
 from gan.augment import POLICIES
 from gan.losses import LOSSES
 from gan.models import D_NORMS, FAMILIES
+from pipeline.recipes import RECIPE_NOTE, recipe_default, with_recipe
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
 
@@ -122,12 +123,27 @@ class ModelParams(Section):
 
     family: Family = Field("dcgan", description="mlp (vanilla GAN), dcgan or resnet (SNGAN)")
     conditional: Bool = Field(False, description="class-conditional G and projection D")
-    z_dim: Int = Field(64, ge=1, le=4096, description="latent dimension")
-    g_width: Int = Field(64, ge=1, le=4096, description="G base channels (hidden units for mlp)")
-    d_width: Int = Field(64, ge=1, le=4096, description="D base channels (hidden units for mlp)")
+    z_dim: Int = Field(
+        recipe_default("model", "z_dim"), ge=1, le=4096,
+        description="latent dimension" + RECIPE_NOTE,
+    )  # fmt: skip
+    g_width: Int = Field(
+        recipe_default("model", "g_width"), ge=1, le=4096,
+        description="G base channels (hidden units for mlp)" + RECIPE_NOTE,
+    )  # fmt: skip
+    d_width: Int = Field(
+        recipe_default("model", "d_width"), ge=1, le=4096,
+        description="D base channels (hidden units for mlp)" + RECIPE_NOTE,
+    )  # fmt: skip
     mlp_depth: Int = Field(3, ge=1, le=16, description="hidden layers of the mlp family")
-    d_norm: DNorm = Field("none", description="normalisation in the DCGAN discriminator")
-    spectral_norm_d: Bool = Field(True, description="spectral normalisation in D (SNGAN)")
+    d_norm: DNorm = Field(
+        recipe_default("model", "d_norm"),
+        description="normalisation in the DCGAN discriminator" + RECIPE_NOTE,
+    )
+    spectral_norm_d: Bool = Field(
+        recipe_default("model", "spectral_norm_d"),
+        description="spectral normalisation in D (SNGAN)" + RECIPE_NOTE,
+    )
     spectral_norm_g: Bool = Field(False, description="spectral normalisation in G")
 
 
@@ -135,17 +151,26 @@ class TrainParams(Section):
     """Optimisation, regularisation, checkpoints (the `train` stage)."""
 
     loss: LossName = Field(
-        "hinge", description="bce (non-saturating), lsgan (least squares), hinge, wasserstein"
+        recipe_default("train", "loss"),
+        description="bce (non-saturating), lsgan (least squares), hinge, wasserstein" + RECIPE_NOTE,
     )
     steps: Int = Field(2000, ge=1, description="generator updates")
     batch_size: Int = Field(64, ge=1, description="images per worker per D update")
     global_batch_size: Int | None = Field(
         None, ge=1, description="batch_size x ray.num_workers; set it to have that checked"
     )
-    lr_g: Float = Field(2e-4, gt=0, le=1, description="Adam learning rate of G")
-    lr_d: Float = Field(2e-4, gt=0, le=1, description="Adam learning rate of D")
-    beta1: Float = Field(0.0, ge=0, lt=1, description="Adam beta1 for G and D")
-    beta2: Float = Field(0.9, ge=0, lt=1, description="Adam beta2 for G and D")
+    lr_g: Float = Field(
+        recipe_default("train", "lr_g"), gt=0, le=1, description="Adam lr of G" + RECIPE_NOTE
+    )
+    lr_d: Float = Field(
+        recipe_default("train", "lr_d"), gt=0, le=1, description="Adam lr of D" + RECIPE_NOTE
+    )
+    beta1: Float = Field(
+        recipe_default("train", "beta1"), ge=0, lt=1, description="Adam beta1" + RECIPE_NOTE
+    )
+    beta2: Float = Field(
+        recipe_default("train", "beta2"), ge=0, lt=1, description="Adam beta2" + RECIPE_NOTE
+    )
     n_critic: Int = Field(1, ge=1, le=100, description="D updates per G update")
     gp_weight: Float = Field(0.0, ge=0, description="WGAN-GP lambda (0 = off)")
     r1_gamma: Float = Field(0.0, ge=0, description="R1 gamma (0 = off)")
@@ -155,7 +180,7 @@ class TrainParams(Section):
         10.0, ge=0, description="generator EMA half-life in thousands of images (0: no average)"
     )
     ema_rampup: Float | None = Field(
-        0.05, gt=0, description="EMA half-life at most this share of the images shown (None: off)"
+        0.01, gt=0, description="EMA half-life at most this share of the images shown (None: off)"
     )
     seed: Int = Field(0, ge=0, description="seeds weights, noise and data order (per rank)")
     checkpoint_every: Int = Field(500, ge=1, description="steps between checkpoints")
@@ -401,6 +426,15 @@ class TrackingParams(Section):
 warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
 
+def _requested_resolution(raw: Mapping) -> int:
+    """prepare.resolution as given, or its default when absent or invalid (the schema then
+    reports it)."""
+    prepare = raw.get("prepare")
+    value = prepare.get("resolution") if isinstance(prepare, Mapping) else None
+    valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return value if valid else PrepareParams.model_fields["resolution"].default
+
+
 class Params(Section):
     """Everything in params.yaml."""
 
@@ -417,10 +451,12 @@ class Params(Section):
     @model_validator(mode="before")
     @classmethod
     def _empty_sections(cls, data: Any) -> Any:
-        """`train:` with nothing under it means "all defaults", as YAML readers expect."""
-        if isinstance(data, Mapping):
-            return {k: ({} if v is None else v) for k, v in data.items()}
-        return data
+        """`train:` with nothing under it means "all defaults", as YAML readers expect; the
+        defaults of the recipe keys follow `prepare.resolution` (pipeline/recipes.py)."""
+        if not isinstance(data, Mapping):
+            return data
+        data = {k: ({} if v is None else v) for k, v in data.items()}
+        return with_recipe(data, _requested_resolution(data))
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

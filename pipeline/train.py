@@ -40,6 +40,7 @@ from pipeline.checkpoint import STATE, TrainingState, load_checkpoint, save_chec
 from pipeline.cluster import connect, is_remote, storage_root, use_gpu
 from pipeline.config import Params, flatten
 from pipeline.data import PreparedSplit, RankLoader, check_labels_for_model
+from pipeline.recipes import recipe_for
 from pipeline.shards import verify_prepared
 
 # Keys that may change between a run and its resumption: they say how long and how often,
@@ -488,6 +489,7 @@ def _mlflow_run(
         return run_id
     tags = {
         "ganpipe.run_name": name,
+        "ganpipe.recipe": recipe_for(params.prepare.resolution).name,
         "ganpipe.dataset_hash": dataset_hash,
         "ganpipe.git_commit": git_commit(),
         **(extra_tags or {}),

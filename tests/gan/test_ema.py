@@ -33,10 +33,12 @@ def test_beta_follows_a_half_life_in_images():
 
 def test_rampup_shortens_the_half_life_early_in_a_run():
     ema = GeneratorEMA(constant_net(0.0), half_life_images=10_000, images_per_step=128)
-    # step 0: half-life 0.05 x 128 images, a copy in all but name
-    assert ema.beta(0) < 1e-5
-    # 1,000 steps of 128: half-life min(10k, 0.05 x 128k = 6.4k images) = 50 steps
-    assert ema.beta(999) == pytest.approx(0.5 ** (1 / 50))
+    # step 0: half-life 0.01 x 128 images, a copy in all but name
+    assert ema.beta(0) < 1e-30
+    # 1,000 steps of 128: half-life min(10k, 0.01 x 128k = 1.28k images) = 10 steps
+    assert ema.beta(999) == pytest.approx(0.5 ** (1 / 10))
+    stylegan = GeneratorEMA(constant_net(0.0), 10_000, 128, rampup=0.05)  # 6.4k: 50 steps
+    assert stylegan.beta(999) == pytest.approx(0.5 ** (1 / 50))
     # a long run reaches the configured half-life: 10k images = 78.125 steps of 128
     assert ema.beta(1_000_000) == pytest.approx(0.5 ** (128 / 10_000))
 

@@ -237,7 +237,7 @@ def test_an_exploited_checkpoint_trains_on_with_this_trials_learning_rates(tmp_p
     from gan.step import GANTrainState
     from pipeline.train import _apply_hyperparameters
 
-    params = validate_params({"train": {"lr_g": 3e-4, "lr_d": 5e-4, "beta1": 0.5}})
+    params = validate_params({"train": {"lr_g": 3e-4, "lr_d": 5e-4, "beta1": 0.5, "beta2": 0.9}})
     g, d = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
     state = GANTrainState(
         g, d, torch.optim.Adam(g.parameters(), 1e-2), torch.optim.Adam(d.parameters(), 1e-2),

@@ -8,6 +8,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from gan.ema import refresh_statistics
+from gan.sampling import LatentSampler
+from pipeline.candidates import generator_spec
 from pipeline.checkpoint import WEIGHTS
 from pipeline.config import validate_params
 from pipeline.prepare import prepare
@@ -115,6 +118,17 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
     for key in weights_a:
         if key.startswith(("generator", "discriminator")):
             torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0, msg=key)
+    # the averaged generator was saved with BatchNorm statistics of its own weights
+    ema_state = {k[len("generator_ema.") :]: v for k, v in weights_b.items()
+                 if k.startswith("generator_ema.")}  # fmt: skip
+    spec = generator_spec(faulty.model.model_dump(mode="json"), (8, 8, 1), 0)
+    ema = spec.build()
+    ema.load_state_dict(ema_state)
+    refresh_statistics(ema, LatentSampler(spec.z_dim), seed=faulty.train.seed)
+    stats = [k for k in ema_state if "running_" in k]
+    assert stats and all(torch.equal(ema.state_dict()[k], ema_state[k]) for k in stats)
+    # ... not the live generator's
+    assert any(not torch.equal(weights_b[f"generator.{k}"], ema_state[k]) for k in stats)
     history = (tmp_path / "faulty" / "out" / "history.csv").read_text().splitlines()
     assert [row.split(",")[-1] for row in history[1:]] == ["4", "8", "12"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'faulty' / 'mlflow.db'}")

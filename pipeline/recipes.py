@@ -1,0 +1,85 @@
+"""Recipes: model and training defaults that suit the images `prepare` makes.
+
+A user who points `prepare` at their own images and changes nothing else should get a generator
+that beats the plain DCGAN script they would otherwise write, at the same wall-clock. Which
+settings do that depends on the resolution, so the defaults of the keys below come from the
+first recipe whose `max_resolution` covers `prepare.resolution`; a key set in params.yaml (or
+with --set, -S, or a sweep) always wins. `ganpipe validate` prints what a params file resolves
+to, and the recipe's name is recorded with every run (the `ganpipe.recipe` tag).
+
+Chosen by measurement on 2 CPUs (bench/RESULTS.md, "Quality per compute"): at 32 px the
+classic objective (Radford et al. 2016: BCE, BatchNorm in D, Adam (0.5, 0.999)) with
+half-width networks made 2.5x the steps of the width-64 script in the same time and reached
+less than half its domain FID on CIFAR-10; the hinge loss with a spectrally normalised D, at
+either width, did worse there. At 16 px it is the other way round: on digits the classic
+objective collapsed (domain FID 86 at width 64, 46 at width 32, where hinge + spectral norm
+reached 13), so the pipeline's first defaults stay, as they do above 32 px, where nothing was
+measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults for `model.*` and `train.*` keys, for resolutions up to `max_resolution`."""
+
+    name: str
+    max_resolution: int
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> key -> value
+
+
+SNGAN_HINGE_64 = {  # the pipeline's first defaults: hinge loss, spectral-norm D (Miyato 2018)
+    "model": {"d_norm": "none", "spectral_norm_d": True, "z_dim": 64, "g_width": 64, "d_width": 64},
+    "train": {"loss": "hinge", "beta1": 0.0, "beta2": 0.9, "lr_g": 2e-4, "lr_d": 2e-4},
+}
+DCGAN_CLASSIC_32 = {  # Radford et al. 2016's objective and optimiser, half the width
+    "model": {
+        "d_norm": "batch",
+        "spectral_norm_d": False,
+        "z_dim": 100,
+        "g_width": 32,
+        "d_width": 32,
+    },  # fmt: skip
+    "train": {"loss": "bce", "beta1": 0.5, "beta2": 0.999, "lr_g": 2e-4, "lr_d": 2e-4},
+}
+RECIPES = (
+    Recipe("sngan-hinge-64", 16, SNGAN_HINGE_64),
+    Recipe("dcgan-classic-32", 32, DCGAN_CLASSIC_32),
+    Recipe("sngan-hinge-64", 1024, SNGAN_HINGE_64),
+)
+
+
+RECIPE_NOTE = "; default: the recipe for prepare.resolution (shown: all but 32 px)"
+
+
+def recipe_default(section: str, key: str) -> Any:
+    """The schema's stated default of a recipe key: the first recipe's (the default prepare's)."""
+    return RECIPES[0].values[section][key]
+
+
+def recipe_for(resolution: int) -> Recipe:
+    """The recipe for images of `resolution` pixels square."""
+    for recipe in RECIPES:
+        if resolution <= recipe.max_resolution:
+            return recipe
+    return RECIPES[-1]
+
+
+def with_recipe(raw: dict, resolution: int) -> dict:
+    """A copy of the raw params mapping with every recipe key it leaves out filled from the
+    recipe for `resolution`. Sections that are not mappings are left for the
+    schema to report."""
+    filled = dict(raw)
+    for section, values in recipe_for(resolution).values.items():
+        given = filled.get(section)
+        if given is not None and not isinstance(given, dict):
+            continue
+        merged = dict(given or {})
+        for key, value in values.items():
+            merged.setdefault(key, value)
+        filled[section] = merged
+    return filled
