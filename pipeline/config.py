@@ -154,8 +154,13 @@ class TrainParams(Section):
         recipe_default("train", "loss"),
         description="bce (non-saturating), lsgan (least squares), hinge, wasserstein" + RECIPE_NOTE,
     )
-    steps: Int = Field(2000, ge=1, description="generator updates")
-    batch_size: Int = Field(64, ge=1, description="images per worker per D update")
+    steps: Int = Field(
+        recipe_default("train", "steps"), ge=1, description="generator updates" + RECIPE_NOTE
+    )
+    batch_size: Int = Field(
+        recipe_default("train", "batch_size"), ge=1,
+        description="images per worker per D update" + RECIPE_NOTE,
+    )  # fmt: skip
     global_batch_size: Int | None = Field(
         None, ge=1, description="batch_size x ray.num_workers; set it to have that checked"
     )

@@ -67,7 +67,8 @@ def small_params(root: Path) -> None:
     params["train"] |= {"steps": 40, "log_every": 20, "checkpoint_every": 20}
     params["featurenet"] |= {"epochs": 3, "min_accuracy": 0.5}
     params["evaluate"] |= {"num_samples": 500, "kid_subset_size": 250}
-    params["ray"] |= {"num_workers": 2, "placement_strategy": "STRICT_SPREAD"}
+    params["ray"] |= {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD"}
+    params["train"]["batch_size"] = 64
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

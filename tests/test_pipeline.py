@@ -142,7 +142,7 @@ def test_a_sweep_through_dvc_repro_labels_unstable_trials_and_hands_the_best_on(
     root, sh, _ = project
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["train"]["steps"] = 200
-    params["ray"]["num_workers"] = 1
+    params["ray"] |= {"num_workers": 1, "cpus_per_worker": 1}  # two trials at a time
     params["sweep"] = {
         "space": {
             "train.lr_g": {"type": "grid", "values": [2e-4, 4e-4]},

@@ -86,7 +86,7 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
             {"train": {"gp_weight": 10}, "model": {"d_norm": "batch"}},
             ["train.gp_weight", "model.d_norm", "per sample"],
         ),
-        ({"train": {"global_batch_size": 100}}, ["train.global_batch_size", "= 128"]),
+        ({"train": {"global_batch_size": 100}}, ["train.global_batch_size", "= 256"]),
         ({"evaluate": {"num_samples": 50}}, ["evaluate.kid_subset_size", "evaluate.num_samples"]),
         ({"sweep": {"scheduler": "pbt"}}, ["sweep.scheduler", "ray.num_workers"]),
         (
@@ -180,7 +180,7 @@ def test_every_problem_is_reported_at_once():
 def test_consistent_combinations_pass():
     params = validate_params(
         {
-            "train": {"loss": "wasserstein", "gp_weight": 10, "global_batch_size": 64},
+            "train": {"loss": "wasserstein", "gp_weight": 10, "global_batch_size": 128},
             "model": {"spectral_norm_d": False, "d_norm": "layer", "conditional": True},
             "ray": {"num_workers": 1},
             "sweep": {
