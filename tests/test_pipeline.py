@@ -38,7 +38,7 @@ OUTPUTS = [  # every stage's declared outputs (dvc.yaml)
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A clone of the project with its shipped params.yaml (the Quickstart: DCGAN on 16x16
-    digits, 1000 steps, 2 Ray workers; about 2-3 minutes on 2 CPUs), after one `dvc repro`
+    digits, 1000 steps, one Ray worker on 2 CPUs; about 2-3 minutes), after one `dvc repro`
     and a git commit."""
     root = clone_project(tmp_path_factory.mktemp("project") / "ganpipe")
     sh = shell(root, project_env(root))
@@ -141,7 +141,7 @@ def test_a_sweep_through_dvc_repro_labels_unstable_trials_and_hands_the_best_on(
 
     root, sh, _ = project
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"]["steps"] = 200
+    params["train"] |= {"steps": 200, "batch_size": 64}
     params["ray"] |= {"num_workers": 1, "cpus_per_worker": 1}  # two trials at a time
     params["sweep"] = {
         "space": {
