@@ -3,9 +3,11 @@
 A user who points `prepare` at their own images and changes nothing else should get a generator
 that beats the plain DCGAN script they would otherwise write, at the same wall-clock. Which
 settings do that depends on the resolution, so the defaults of the keys below come from the
-first recipe whose `max_resolution` covers `prepare.resolution`; a key set in params.yaml (or
-with --set, -S, or a sweep) always wins. `ganpipe validate` prints what a params file resolves
-to, and the recipe's name is recorded with every run (the `ganpipe.recipe` tag).
+first recipe whose `max_resolution` covers `prepare.resolution` when a key is left out or set to
+`auto` (the shipped params.yaml lists them as `auto`, so that `dvc exp run -S train.lr_g=...`
+finds the key to override); a value set in params.yaml (or with --set, -S, or a sweep) wins.
+`ganpipe validate` prints what a params file resolves to, and the recipe's name is recorded
+with every run (the `ganpipe.recipe` tag).
 
 Chosen by measurement on 2 CPUs (bench/RESULTS.md, "Quality per compute"): at 32 px the
 classic objective (Radford et al. 2016: BCE, BatchNorm in D, Adam (0.5, 0.999)) with
@@ -87,9 +89,12 @@ def recipe_for(resolution: int) -> Recipe:
     return RECIPES[-1]
 
 
+AUTO = "auto"  # a recipe key's value that asks for the recipe's
+
+
 def with_recipe(raw: dict, resolution: int) -> dict:
-    """A copy of the raw params mapping with every recipe key it leaves out filled from the
-    recipe for `resolution`. Sections that are not mappings are left for the
+    """A copy of the raw params mapping with every recipe key it leaves out or sets to `auto`
+    filled from the recipe for `resolution`. Sections that are not mappings are left for the
     schema to report."""
     filled = dict(raw)
     for section, values in recipe_for(resolution).values.items():
@@ -98,6 +103,7 @@ def with_recipe(raw: dict, resolution: int) -> dict:
             continue
         merged = dict(given or {})
         for key, value in values.items():
-            merged.setdefault(key, value)
+            if merged.get(key, AUTO) == AUTO:
+                merged[key] = value
         filled[section] = merged
     return filled

@@ -35,6 +35,8 @@ def test_keys_the_user_sets_win():
     assert params.train.loss == "hinge" and params.train.beta1 == 0.5
     with pytest.raises(ParamsError, match="model.d_width"):  # null is no value, not "default"
         validate_params({"prepare": {"resolution": 32}, "model": {"d_width": None}})
+    auto = validate_params({"prepare": {"resolution": 32}, "model": {"d_width": "auto"}})
+    assert auto.model.d_width == 32
 
 
 def test_a_validated_config_round_trips_whatever_its_resolution():
@@ -45,10 +47,15 @@ def test_a_validated_config_round_trips_whatever_its_resolution():
 
 
 def test_shipped_params_leave_the_recipe_keys_to_the_recipe(tmp_path):
-    """Changing only prepare (what a user with their own images does) changes the recipe."""
+    """Changing only prepare (what a user with their own images does) changes the recipe; the
+    keys are in the file (as `auto`), so `dvc exp run -S` can override them."""
     text = (REPO_ROOT / "params.yaml").read_text().replace("resolution: 16", "resolution: 32")
     (tmp_path / "params.yaml").write_text(text)
-    assert load_params(tmp_path / "params.yaml").model.g_width == 32
+    params = load_params(tmp_path / "params.yaml")
+    assert (params.model.g_width, params.train.steps, params.train.batch_size) == (32, 3000, 64)
+    for section, values in RECIPES[1].values.items():
+        missing = [key for key in values if f"  {key}: auto" not in text]
+        assert not missing, (section, missing)
 
 
 def test_a_bad_resolution_is_still_reported_by_the_schema():
