@@ -120,6 +120,7 @@ class GeneratorEMA:
         self.model = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False)
         statistics = _norm_statistic_names(self.model)
         self._copied = [name for name, _ in self.model.named_buffers() if name not in statistics]
+        self._has_statistics = bool(statistics)  # fixed by the architecture: not re-walked
         self.statistics_fresh = not statistics
 
     def beta(self, step: int) -> float:
@@ -144,7 +145,7 @@ class GeneratorEMA:
             own = dict(self.model.named_buffers())
             for name in self._copied:
                 own[name].copy_(buffers[name])
-        self.statistics_fresh = not _batch_norms(self.model)
+        self.statistics_fresh = not self._has_statistics
 
     def averaged(self, sampler: Sampler, seed: int) -> nn.Module:
         """The averaged generator with BatchNorm statistics computed for its own weights
