@@ -11,10 +11,12 @@ from __future__ import annotations
 import configparser
 import importlib.metadata
 import ipaddress
+import json
 import os
 import re
 import secrets
 import shlex
+import subprocess
 import sys
 import urllib.error
 import urllib.parse
@@ -276,6 +278,7 @@ def test_every_pod_mounts_the_shared_workspace_claim():
 
 def test_all_pods_run_the_image_built_on_the_installed_ray():
     images = {c["image"] for pod in pod_specs().values() for c in pod["containers"]}
+    images.add(ray_containers("rayjob.yaml")["submitter"]["image"])  # its `ray job submit`
     assert len(images) == 1, f"driver and workers must run one image: {images}"
     assert images.pop().rpartition(":")[2] == image_tag()
     assert {s["rayVersion"] for s in cluster_specs().values()} == {RAY_VERSION}
@@ -308,6 +311,282 @@ def test_the_pipeline_reads_the_configured_tracking_server_and_storage(monkeypat
     params = validate_params({})
     assert tracking_uri(params) == settings["MLFLOW_TRACKING_URI"]
     assert storage_root(params) == settings[STORAGE_ENV]
+
+
+# ---- who can reach the Ray head ----------------------------------------------------------------
+# Whoever submits a Ray job runs code with the nodes' MLflow and S3 credentials: every shipped
+# cluster turns Ray's token authentication on, and on Kubernetes a NetworkPolicy closes the
+# head to everything but the cluster, the workspace, RayJob submitters and the operator.
+
+AUTH_OPTIONS_KEYS = {"mode", "secretName", "enableK8sTokenAuth"}  # ray.io/v1 AuthOptions
+TOKEN_SECRET_KEY = "auth_token"  # the key KubeRay reads from authOptions.secretName
+# Labels KubeRay puts on every Ray pod (labelPod in ray-operator/controllers/ray/common/pod.go);
+# ray.io/cluster and ray.io/identifier carry the cluster's name, random for a RayJob's.
+KUBERAY_POD_LABELS = {
+    "ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "kuberay",
+    "app.kubernetes.io/created-by": "kuberay-operator", "ray.io/cluster": "ganpipe-repro-x7k2p",
+}  # fmt: skip
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}  # the Helm chart's pod label
+NAMESPACE = "ganpipe"  # any: the manifests name none, so they land in the current one
+ALL_PORTS = frozenset({"*"})
+
+
+def ray_containers(source: str) -> dict[str, dict]:
+    """The Ray container of the head and of every worker group (KubeRay's first container),
+    and for the RayJob its submitter's."""
+    spec = cluster_specs()[source]
+    found = {"head": spec["headGroupSpec"]["template"]["spec"]["containers"][0]}
+    for group in spec["workerGroupSpecs"]:
+        found[group["groupName"]] = group["template"]["spec"]["containers"][0]
+    if source == "rayjob.yaml":
+        submitter = manifests()["RayJob/ganpipe-repro-"]["spec"]["submitterPodTemplate"]
+        found["submitter"] = submitter["spec"]["containers"][0]
+    return found
+
+
+def token_env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", []) if e["name"].startswith("RAY_AUTH")}
+
+
+def expect_token_env(where: str, container: dict, secret: str) -> None:
+    env = token_env_of(container)
+    assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where}: no RAY_AUTH_MODE=token"
+    ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+    assert ref == {"name": secret, "key": TOKEN_SECRET_KEY}, f"{where}: RAY_AUTH_TOKEN is {ref}"
+
+
+@pytest.mark.parametrize("source", ["raycluster.yaml", "rayjob.yaml"])
+def test_every_kuberay_cluster_turns_ray_token_auth_on(source):
+    auth = cluster_specs()[source].get("authOptions") or {}
+    assert set(auth) <= AUTH_OPTIONS_KEYS, set(auth) - AUTH_OPTIONS_KEYS
+    assert auth.get("mode") == "token", f"{source}: the Jobs API is open (authOptions.mode)"
+    secret = auth["secretName"]  # one known Secret: the workspace pod and clients need it
+    # Also on the containers, so an operator that ignores authOptions starts no open cluster.
+    for name, container in ray_containers(source).items():
+        expect_token_env(f"{source} {name}", container, secret)
+    example = manifests()[f"Secret/{secret}"]["stringData"]
+    # Empty in the example: applied as it is, Ray refuses to start instead of using a token
+    # everyone can read in this repository.
+    assert example == {TOKEN_SECRET_KEY: ""}
+
+
+def test_the_workspace_pod_can_submit_jobs_with_the_token():
+    secret = {s["authOptions"]["secretName"] for s in cluster_specs().values()}
+    assert len(secret) == 1, f"the clusters use different tokens: {secret}"
+    (container,) = manifests()["Pod/ganpipe-workspace"]["spec"]["containers"]
+    expect_token_env("workspace pod", container, secret.pop())
+
+
+def launcher_ray_starts(key: str) -> list[tuple[dict[str, str], list[str]]]:
+    """Each `ray start` in the launcher's `key` commands: (the variables set on its command
+    line, its arguments)."""
+    found = []
+    for command in load(LAUNCHER)[key]:
+        for part in re.split(r";|&&|\|\|", command):
+            words = shlex.split(part)
+            env = {}
+            while words and re.fullmatch(r"\w+=.*", words[0]):
+                name, value = words.pop(0).split("=", 1)
+                env[name] = value
+            if words[:2] == ["ray", "start"]:
+                found.append((env, words[2:]))
+    return found
+
+
+def dashboard_host(args: list[str], default: str) -> str:
+    for i, arg in enumerate(args):
+        if arg.startswith("--dashboard-host="):
+            return arg.split("=", 1)[1]
+        if arg == "--dashboard-host":
+            return args[i + 1]
+    return default
+
+
+def test_every_launcher_node_starts_ray_with_token_auth():
+    heads = launcher_ray_starts("head_start_ray_commands")
+    workers = launcher_ray_starts("worker_start_ray_commands")
+    assert heads and workers and all("--head" in args for _, args in heads)
+    for env, args in heads + workers:
+        # On the command itself, not only in ~/.bashrc: without it this node runs open.
+        assert env.get("RAY_AUTH_MODE") == "token", f"no RAY_AUTH_MODE=token: {args}"
+    # The token: the file Ray reads by default, copied from the machine that runs `ray up`.
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+
+    default = _get_default_token_path().relative_to(Path.home()).as_posix()  # .ray/auth_token
+    config = load(LAUNCHER)
+    remote_home = f"/home/{config['auth']['ssh_user']}"
+    assert config["file_mounts"].get(f"{remote_home}/{default}") == f"~/{default}"
+
+
+def kuberay_heads() -> dict[str, tuple[str, bool]]:
+    """Each KubeRay head: (dashboard host, token auth on). KubeRay's default host is 0.0.0.0."""
+    return {
+        source: (
+            spec["headGroupSpec"]["rayStartParams"].get("dashboard-host", "0.0.0.0"),
+            (spec.get("authOptions") or {}).get("mode") == "token",
+        )
+        for source, spec in cluster_specs().items()
+    }
+
+
+def test_no_dashboard_listens_on_every_interface_without_token_auth():
+    heads = kuberay_heads()
+    for n, (env, args) in enumerate(launcher_ray_starts("head_start_ray_commands")):
+        heads[f"aws.yaml head {n}"] = (
+            dashboard_host(args, "127.0.0.1"),  # `ray start`'s default
+            env.get("RAY_AUTH_MODE") == "token",
+        )
+    assert len(heads) == 3, heads
+    for where, (host, token_auth) in heads.items():
+        every_interface = host in {"0.0.0.0", "::", ""}
+        assert token_auth or not every_interface, f"{where}: dashboard on {host} without a token"
+
+
+def network_policies() -> list[dict]:
+    return [doc for doc in manifests().values() if doc["kind"] == "NetworkPolicy"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector, as far as these manifests use it (matchLabels only)."""
+    assert set(selector) <= {"matchLabels"}, f"selector beyond matchLabels: {selector}"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def peer_admits(peer: dict, labels: dict, namespace: str) -> bool:
+    """Whether one `from` peer of a policy in NAMESPACE admits a pod."""
+    assert set(peer) <= {"podSelector", "namespaceSelector"}, f"peer {peer}: no ipBlock"
+    if "namespaceSelector" in peer:
+        names = peer["namespaceSelector"].get("matchLabels", {})
+        # {} would mean every namespace: a namespace must be named.
+        assert set(names) == {"kubernetes.io/metadata.name"}, f"peer {peer} names no namespace"
+        if not selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}):
+            return False
+    elif namespace != NAMESPACE:
+        return False
+    return selects(peer.get("podSelector", {}), labels)
+
+
+def admitted_ports(target: dict, source: dict, namespace: str = NAMESPACE) -> frozenset:
+    """The ports of a pod labelled `target` that a pod labelled `source` in `namespace` may
+    open, by the manifests' NetworkPolicies (ALL_PORTS when no policy selects the target)."""
+    policies = [p["spec"] for p in network_policies() if selects(p["spec"]["podSelector"], target)]
+    if not policies:
+        return ALL_PORTS
+    ports = set()
+    for policy in policies:
+        assert "Ingress" in policy["policyTypes"], policy
+        for rule in policy.get("ingress", []):
+            assert rule.get("from"), f"an ingress rule open to every source: {rule}"
+            if any(peer_admits(peer, source, namespace) for peer in rule["from"]):
+                if "ports" not in rule:
+                    return ALL_PORTS
+                ports |= {p["port"] for p in rule["ports"]}
+    return frozenset(ports)
+
+
+def test_network_policy_admits_only_the_cluster_workspace_and_operator_to_the_head():
+    objects = manifests()
+    head = {**KUBERAY_POD_LABELS, "ray.io/node-type": "head"}
+    worker = {**KUBERAY_POD_LABELS, "ray.io/node-type": "worker"}
+    assert any(selects(p["spec"]["podSelector"], head) for p in network_policies()), (
+        "no NetworkPolicy selects the Ray head: every pod reaches its Jobs API"
+    )
+    workspace = objects["Pod/ganpipe-workspace"]["metadata"].get("labels", {})
+    submitter = objects["RayJob/ganpipe-repro-"]["spec"]["submitterPodTemplate"]["metadata"]
+    submitter = submitter.get("labels", {})
+    (operator_namespace,) = {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for p in network_policies() for rule in p["spec"].get("ingress", [])
+        for peer in rule["from"] if "namespaceSelector" in peer
+    }  # fmt: skip
+    dashboard = {
+        port["containerPort"]
+        for spec in cluster_specs().values()
+        for port in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+        if port["name"] == "dashboard"
+    }
+    assert dashboard == {8265}
+    assert admitted_ports(head, worker) == ALL_PORTS  # the cluster itself: GCS, raylets, ...
+    assert admitted_ports(head, head) == ALL_PORTS
+    assert admitted_ports(head, workspace) == dashboard
+    assert admitted_ports(head, submitter) == dashboard
+    assert admitted_ports(head, OPERATOR_LABELS, operator_namespace) == dashboard
+    # Everyone else: nothing, whatever labels they copy from another namespace.
+    assert admitted_ports(head, {"app": "notebook"}) == frozenset()
+    assert admitted_ports(head, workspace, "other-team") == frozenset()
+    assert admitted_ports(head, worker, "other-team") == frozenset()
+    assert admitted_ports(head, OPERATOR_LABELS) == frozenset()  # not in the operator's namespace
+    # Workers take connections from the cluster only.
+    assert admitted_ports(worker, head) == ALL_PORTS
+    assert admitted_ports(worker, workspace) == frozenset()
+    # The README installs the operator where the policy expects it.
+    readme = (INFRA / "README.md").read_text()
+    assert re.search(rf"helm install kuberay-operator .*--namespace {operator_namespace}\b", readme)
+
+
+def test_the_token_variables_are_the_ones_ray_reads(tmp_path):
+    """Ray's own code, each case in a fresh process (Ray caches its configuration): with what
+    the pods get, and with the launcher's file at Ray's default path, the header that
+    `ray job submit`'s client sends (dashboard_sdk's SubmissionClient) carries the token; with
+    the example Secret's empty token Ray refuses to go on."""
+    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR
+
+    assert AUTH_MODE_ENV_VAR == "RAY_AUTH_MODE"
+    script = """if True:
+        import json
+        from ray._private.authentication.http_token_authentication import (
+            get_auth_headers_if_auth_enabled,
+        )
+        from ray._raylet import AuthenticationTokenLoader
+        try:
+            AuthenticationTokenLoader.instance().has_token()
+            print(json.dumps(get_auth_headers_if_auth_enabled({})))
+        except Exception as exc:
+            print(json.dumps({"refused": type(exc).__name__}))
+    """
+
+    def headers(home: Path, **env: str) -> dict:
+        home.mkdir(exist_ok=True)
+        base = {"PATH": os.environ["PATH"], "HOME": str(home), "RAY_AUTH_MODE": "token"}
+        out = subprocess.run(
+            [sys.executable, "-c", script], env={**base, **env}, capture_output=True, text=True,
+            timeout=120, check=True,
+        )  # fmt: skip
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert headers(tmp_path / "pod", RAY_AUTH_TOKEN="s3cr3t") == {"authorization": "Bearer s3cr3t"}
+    launcher = tmp_path / "vm"
+    (launcher / ".ray").mkdir(parents=True)
+    (launcher / ".ray" / "auth_token").write_text("from-file")
+    assert headers(launcher) == {"authorization": "Bearer from-file"}
+    assert headers(tmp_path / "empty", RAY_AUTH_TOKEN="") == {"refused": "AuthenticationError"}
+
+
+def test_no_infra_file_pipes_a_download_into_a_shell():
+    """`curl ... | sh` runs whatever the server sends that day: installers are pinned and
+    checked. YAML is read parsed too, where a folded command may hide the pipe."""
+    pipe = re.compile(r"\b(?:curl|wget)\b[^|;&\n]*\|\s*(?:sudo\s+)?(?:\S*/)?(?:ba|da|z)?sh\b")
+    for path in sorted(p for p in INFRA.rglob("*") if p.is_file()):
+        texts = [path.read_text()]
+        if path.suffix in {".yaml", ".yml"}:
+            texts += [json.dumps(doc) for doc in load_all(path)]
+        for text in texts:
+            assert not pipe.search(text), f"{path}: {pipe.search(text).group(0)}"
+
+
+def test_launcher_installs_uv_at_a_pinned_version_checked_by_hash():
+    commands = load(LAUNCHER)["setup_commands"]
+    (install,) = [c for c in commands if "uv==" in c]
+    pin = re.search(r"'uv==(\d+\.\d+\.\d+) --hash=sha256:([0-9a-f]{64})'\s*> (\S+)", install)
+    assert pin, f"uv is not pinned with a sha256: {install}"
+    assert f"--require-hashes -r {pin.group(3)}" in install
+    # Every later use of uv is the binary that pip installed (--user: ~/.local/bin).
+    assert "--user" in install
+    config = load(LAUNCHER)
+    every = [c for key in ("setup_commands", "head_setup_commands", "worker_setup_commands")
+             for c in config[key]]  # fmt: skip
+    uses = re.findall(r"(\S*)\buv (?:venv|pip)\b", "\n".join(every))
+    assert uses and set(uses) == {"~/.local/bin/"}, uses
 
 
 # ---- the image ---------------------------------------------------------------------------------
@@ -479,7 +758,6 @@ def test_auth_config_names_its_database_and_holds_no_secret():
     auth = configparser.ConfigParser()
     auth.read(TRACKING / "basic_auth.ini")
     section = auth["mlflow"]
-    assert section["default_permission"] in {"READ", "EDIT", "MANAGE", "NO_PERMISSIONS"}
     assert urllib.parse.urlsplit(section["database_uri"]).password is None
     assert "admin_password" not in section and section["admin_username"]
     assert section["authorization_function"] == (
@@ -487,9 +765,28 @@ def test_auth_config_names_its_database_and_holds_no_secret():
     )
 
 
-def get(url: str, auth: tuple[str, str] | None = None) -> int | None:
-    """The HTTP status of a GET, None while nothing listens."""
-    request = urllib.request.Request(url)
+def test_auth_config_gives_users_nothing_they_were_not_granted():
+    """Any account that could EDIT what it did not create could move a registered model's
+    alias and choose what `ganpipe sample` and `mlflow models serve` load; READ would still
+    let every account download every model. The value must be one the installed MLflow knows."""
+    from mlflow.server.auth.permissions import get_permission
+
+    auth = configparser.ConfigParser()
+    auth.read(TRACKING / "basic_auth.ini")
+    assert auth["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    permission = get_permission(auth["mlflow"]["default_permission"])
+    assert not (permission.can_read or permission.can_update or permission.can_manage)
+
+
+def call(
+    url: str, auth: tuple[str, str] | None = None, body: dict | None = None
+) -> tuple[int | None, dict]:
+    """The HTTP status and JSON answer of a GET, or of a POST of `body`; None while nothing
+    listens."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
     if auth:
         import base64
 
@@ -497,11 +794,17 @@ def get(url: str, auth: tuple[str, str] | None = None) -> int | None:
         request.add_header("Authorization", f"Basic {token}")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:  # PBKDF2 is slow
-            return response.status
+            text = response.read().decode()
+            return response.status, json.loads(text) if text.startswith("{") else {}
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, {}
     except (urllib.error.URLError, ConnectionError):
-        return None
+        return None, {}
+
+
+def get(url: str, auth: tuple[str, str] | None = None) -> int | None:
+    """The HTTP status of a GET, None while nothing listens."""
+    return call(url, auth)[0]
 
 
 # Two imports of MLflow (the CLI, then its uvicorn worker): ~20 s idle, minutes on a busy
@@ -509,11 +812,12 @@ def get(url: str, auth: tuple[str, str] | None = None) -> int | None:
 STARTUP_TIMEOUT_S = 300
 
 
-@pytest.fixture
-def basic_auth_server(tmp_path):
+@pytest.fixture(scope="module")
+def basic_auth_server(tmp_path_factory):
     """compose.yaml's `mlflow server` command on 127.0.0.1, its stores swapped for sqlite
-    and a local directory; yields (url, admin password)."""
+    and a local directory; yields (url, admin password). One server for this module's tests."""
     pytest.importorskip("flask_wtf", reason="mlflow's basic-auth app needs Flask-WTF")
+    tmp_path = tmp_path_factory.mktemp("mlflow-basic-auth")
     auth = configparser.ConfigParser()
     auth.read(TRACKING / "basic_auth.ini")
     auth["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'auth.db'}"
@@ -553,3 +857,28 @@ def test_basic_auth_server_refuses_anonymous_requests_and_admits_the_admin(basic
     assert get(api) == 401
     assert get(api, ("admin", "wrong-" + password)) == 401
     assert get(api, ("admin", password)) == 200
+
+
+@pytest.mark.slow
+def test_basic_auth_server_shows_a_user_only_what_it_created_or_was_granted(basic_auth_server):
+    """default_permission = NO_PERMISSIONS on the real server: a second account cannot read
+    the admin's experiment until the admin grants it (infra/README.md's command), and can
+    read and use what it creates itself, as the pipeline's account does."""
+    url, password = basic_auth_server
+    admin, user = ("admin", password), (f"user-{secrets.token_hex(4)}", secrets.token_hex(12))
+    api = f"{url}/api/2.0/mlflow"
+    created = call(f"{api}/users/create", admin, {"username": user[0], "password": user[1]})
+    assert created[0] == 200, created
+    status, answer = call(f"{api}/experiments/create", admin, {"name": f"admin-{user[0]}"})
+    assert status == 200
+    admins = f"{api}/experiments/get?experiment_id={answer['experiment_id']}"
+    assert get(admins, user) == 403
+    status, answer = call(f"{api}/experiments/create", user, {"name": f"own-{user[0]}"})
+    assert status == 200
+    assert get(f"{api}/experiments/get?experiment_id={answer['experiment_id']}", user) == 200
+    grant = {
+        "username": user[0], "resource_type": "experiment",
+        "resource_id": admins.rsplit("=", 1)[1], "permission": "READ",
+    }  # fmt: skip
+    assert call(f"{url}/api/3.0/mlflow/users/permissions/grant", admin, grant)[0] == 200
+    assert get(admins, user) == 200
