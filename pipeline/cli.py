@@ -20,6 +20,7 @@ from gan.export import ExportError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from pipeline.errors import ClusterError, EvaluationError, RegistryError, SweepError
+from pipeline.files import OutputError
 from pipeline.shards import DataError
 from pipeline.sources import SourceError
 from pipeline.tracking import TrackingError
@@ -28,7 +29,7 @@ from pipeline.train import ResumeMismatchError
 # Errors that mean "the input is wrong" (data, files, URIs, servers), reported in one line.
 BAD_INPUT = (
     SourceError, DataError, TrackingError, ResumeMismatchError, CheckpointError, ExportError,
-    EvaluationError, RegistryError, SweepError, ClusterError,
+    EvaluationError, RegistryError, SweepError, ClusterError, OutputError,
 )  # fmt: skip
 EXIT_BAD_INPUT = 1
 EXIT_BAD_PARAMS = 2

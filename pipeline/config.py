@@ -75,6 +75,11 @@ class PrepareParams(Section):
     skip_bad_images: Bool = Field(
         False, description="imagefolder only: skip unreadable files (counted in the manifest)"
     )
+    follow_symlinks: Bool = Field(
+        False,
+        description="imagefolder only: read symbolic links in image_dir (they may point "
+        "outside it); off: a link is an error",
+    )
     raw_dir: str = Field("data/raw", description="where downloaded datasets are kept")
     out_dir: str = Field("data/prepared", description="the Parquet shards and manifest")
     channels: Literal[1, 3] = Field(1, description="1: grayscale, 3: RGB; images are converted")
@@ -82,7 +87,12 @@ class PrepareParams(Section):
     test_fraction: Float = Field(
         0.2, gt=0, lt=1, description="held-out share when the source has no test split"
     )
-    shard_rows: Int = Field(512, ge=1, description="images per Parquet shard")
+    shard_rows: Int = Field(
+        512,
+        ge=1,
+        description="images per Parquet shard (at most 2 GiB of pixels: one is held "
+        "in memory while written)",
+    )
     seed: Int = Field(0, ge=0, description="seeds the train/test split")
 
     @field_validator("channels", mode="before")
@@ -102,6 +112,19 @@ class PrepareParams(Section):
     @property
     def labeled(self) -> bool:
         return self.source in LABELED_SOURCES or self.image_labels == "folders"
+
+    @model_validator(mode="after")
+    def _shard_fits_in_memory(self) -> PrepareParams:
+        image = self.resolution * self.resolution * self.channels
+        limit = 2**31  # bytes of pixels per shard: a shard is buffered in memory while written
+        if self.shard_rows * image > limit:
+            size = f"{self.resolution}x{self.resolution}x{self.channels}"
+            raise _inconsistent(
+                f"prepare.shard_rows: {self.shard_rows} images of {size} make shards of "
+                f"{self.shard_rows * image / 2**30:,.0f} GiB, buffered in memory while written; "
+                f"at most {limit // image} rows of {size} images (2 GiB)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _image_dir_for_imagefolder(self) -> PrepareParams:

@@ -8,7 +8,9 @@ same training routine gives the Classification Accuracy Score (Ravuri & Vinyals 
 a classifier fitted on generated images and tested on real ones.
 
 Files: `featurenet.safetensors` and `featurenet.json` (architecture, class names, accuracy,
-dataset version, weights sha256) in `featurenet.out_dir`, replaced atomically.
+dataset version, weights sha256) in `featurenet.out_dir`, replaced atomically, and only if that
+directory is absent, empty or the featurenet stage's own (pipeline.files): checked before
+training, so a refused output path costs nothing.
 
 How good must it be? FID needs features that describe the data, not a perfect classifier: a
 small CNN trained for a minute on CPU reaches 0.99 on digits but about 0.65 on CIFAR-10, and
@@ -41,10 +43,11 @@ from gan.export import sha256_file
 from pipeline.config import FeaturenetParams, Params
 from pipeline.data import PreparedSplit, to_float
 from pipeline.errors import EvaluationError
-from pipeline.files import replace_dir, staging_dir, write_json
+from pipeline.files import check_output_dir, replace_dir, staging_dir, write_json
 
 FORMAT = "ganpipe.featurenet.v1"
 WEIGHTS, INFO = "featurenet.safetensors", "featurenet.json"
+STAGE, OUT_DIR_KEY = "featurenet", "featurenet.out_dir"
 # (lowest skill, level, what it means for the *_domain scores), best first.
 TRUST_LEVELS = (
     (0.9, "high", "the classes are well separated in these features: domain FID/IS/KID, "
@@ -170,6 +173,7 @@ def train_featurenet(params: Params) -> dict:
     Unlabeled data has no classifier: the stage then records that there is none (and why),
     and evaluation scores with Inception only."""
     config = params.featurenet
+    check_output_dir(config.out_dir, STAGE, OUT_DIR_KEY, recognise=_own_entries)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train = PreparedSplit(params.prepare.out_dir, "train")
     test = PreparedSplit(params.prepare.out_dir, "test")
@@ -250,9 +254,19 @@ def _save(out_dir: Path, net: FeatureNet | None, info: dict) -> None:
             save_file(state, staging / WEIGHTS, metadata={"format": FORMAT})
             info["weights_sha256"] = sha256_file(staging / WEIGHTS)
         (staging / INFO).write_text(json.dumps(info, indent=1) + "\n")
-        replace_dir(staging, out_dir)
+        replace_dir(staging, out_dir, STAGE, OUT_DIR_KEY, recognise=_own_entries)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _own_entries(out_dir: Path) -> list[str]:
+    """What this stage wrote in `out_dir` before pipeline.files' markers: its two files, when
+    featurenet.json says so."""
+    try:
+        ours = json.loads((Path(out_dir) / INFO).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    return [INFO, WEIGHTS] if ours else []
 
 
 def read_featurenet_info(directory: str | Path) -> dict:

@@ -6,11 +6,17 @@ Layout under `prepare.out_dir`:
     manifest.json                source and params, counts per split and class, shape, class
                                  names, each shard's rows and sha256, and `dataset_hash`
 
+    .ganpipe-output              what the prepare stage wrote here (pipeline.files)
+
 `dataset_hash` is a hash of the content (pixels, labels, shape, class names), not of the Parquet
 bytes, so it names the dataset version independently of the pyarrow that wrote it. Everything
 is written into a temporary sibling directory and renamed into place at the end: an interrupted
 or failed preparation leaves the previous output intact (or nothing), never a half-written
-shard.
+shard. The rename replaces only a directory the prepare stage wrote (or an empty one).
+
+Readers trust nothing in the manifest blindly: its structure is checked key by key, a shard
+path must stay inside the prepared directory, and verification checks every label against the
+class names (a label past them would index past a conditional model's classes).
 """
 
 from __future__ import annotations
@@ -20,18 +26,19 @@ import json
 import shutil
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.files import replace_dir
+from pipeline.files import check_output_dir, replace_dir
 
 FORMAT = "ganpipe.images.v1"
 MANIFEST = "manifest.json"
 IMAGE, LABEL = "image", "label"
 REPAIR_HINT = "re-run `dvc repro prepare` (or `dvc checkout` to restore the tracked version)"
+STAGE, OUT_DIR_KEY = "prepare", "prepare.out_dir"
 
 
 class DataError(ValueError):
@@ -112,6 +119,22 @@ class SplitWriter:
         }
 
 
+def prepared_entries(out_dir: Path) -> list[str]:
+    """What a prepare stage wrote in `out_dir` according to its manifest (outputs from before
+    pipeline.files' ownership markers): the manifest and its splits' directories."""
+    try:
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+        splits = list(manifest["splits"]) if manifest.get("format") == FORMAT else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        splits = None
+    return [] if splits is None else [MANIFEST, *map(str, splits)]
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory that holds what the prepare stage did not write."""
+    check_output_dir(out_dir, STAGE, OUT_DIR_KEY, recognise=prepared_entries)
+
+
 def _clean_stale(out_dir: Path) -> None:
     """Remove temporary directories left by an interrupted earlier run."""
     for stale in out_dir.parent.glob(f".{out_dir.name}.*-*"):
@@ -133,6 +156,7 @@ def write_prepared(
     to it or raise to abandon the output.
     """
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out_dir)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -151,7 +175,7 @@ def write_prepared(
         if finish is not None:
             finish(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir, STAGE, OUT_DIR_KEY, recognise=prepared_entries)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,6 +192,7 @@ def _dataset_hash(manifest: dict) -> str:
 
 
 def read_manifest(out_dir: Path) -> dict:
+    """The manifest of the prepared data in `out_dir`, its structure checked (DataError)."""
     path = Path(out_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -175,20 +200,130 @@ def read_manifest(out_dir: Path) -> dict:
         raise DataError(
             f"no prepared data at {out_dir} ({MANIFEST} is missing): {REPAIR_HINT}"
         ) from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, OSError) as exc:  # not JSON, not UTF-8, not a file
         raise DataError(f"{path} is not valid JSON ({exc}): {REPAIR_HINT}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(
+            f"{path}: expected a JSON object, got a {_json_type(manifest)}: {REPAIR_HINT}"
+        )
     if manifest.get("format") != FORMAT:
         raise DataError(
             f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}: {REPAIR_HINT}"
         )
+    _check_structure(manifest, path)
     return manifest
 
 
+def _json_type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(
+        type(value), "null" if value is None else "number"
+    )
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_is_count(x) and x for x in value)
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def _is_counts(value) -> bool:
+    return isinstance(value, dict) and all(map(_is_count, value.values()))
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _inside(value) -> bool:
+    """A relative path that cannot leave the directory it is relative to (checked on the
+    text, not resolved, so shards that DVC links from its cache still count as inside)."""
+    if not isinstance(value, str) or not value or "\\" in value:
+        return False
+    parts = PurePosixPath(value).parts
+    return not PurePosixPath(value).is_absolute() and ".." not in parts and parts != (".",)
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# key -> (check, what it must be, optional), for the manifest, each split and each shard
+MANIFEST_KEYS = {
+    "shape": (_is_shape, "[height, width, channels] (positive integers)", False),
+    "class_names": (_is_names, "a list of strings", True),
+    "dataset_hash": (_is_text, "a string", False),
+    "splits": (lambda v: isinstance(v, dict), "an object of splits", False),
+}
+SPLIT_KEYS = {
+    "rows": (_is_count, "a count", False),
+    "class_counts": (_is_counts, "an object of counts", True),
+    "shards": (lambda v: isinstance(v, list), "a list of shards", False),
+}
+SHARD_KEYS = {
+    "path": (
+        _inside,
+        "a relative path inside the prepared directory (a path outside it is never opened)",
+        False,
+    ),
+    "rows": (_is_count, "a count", False),
+    "sha256": (_is_sha256, "a sha256 (64 hex digits)", False),
+}
+
+
+def _check_keys(container, keys: dict, where: str, path: Path) -> None:
+    if not isinstance(container, dict):
+        raise DataError(
+            f"{path}: {where!r} is {_short(container)}, expected an object: {REPAIR_HINT}"
+        )
+    for key, (ok, expected, optional) in keys.items():
+        if key not in container and optional:
+            continue
+        at = f"{where}.{key}" if where else key
+        got = "is missing" if key not in container else f"is {_short(container[key])}"
+        if key not in container or not ok(container[key]):
+            raise DataError(f"{path}: {at!r} {got}, expected {expected}: {REPAIR_HINT}")
+
+
+def _check_structure(manifest: dict, path: Path) -> None:
+    """Every key a reader uses, with the type it needs; DataError names the first one wrong."""
+    _check_keys(manifest, MANIFEST_KEYS, "", path)
+    for name, split in manifest["splits"].items():
+        _check_keys(split, SPLIT_KEYS, f"splits.{name}", path)
+        for i, shard in enumerate(split["shards"]):
+            _check_keys(shard, SHARD_KEYS, f"splits.{name}.shards[{i}]", path)
+
+
+def check_labels(labels: np.ndarray, class_names: list[str], path: Path) -> None:
+    """Labels must name one of `class_names` (0..n-1), or be -1 everywhere when there are none."""
+    n = len(class_names)
+    bad = labels != -1 if n == 0 else (labels < 0) | (labels >= n)
+    if bad.any():
+        value = int(labels[np.argmax(bad)])
+        allowed = f"{n} classes (0..{n - 1})" if n else "no classes (unlabeled: -1 only)"
+        raise DataError(
+            f"shard {path} has label {value} ({int(bad.sum())} such row(s)), but {MANIFEST} "
+            f"names {allowed}: {REPAIR_HINT}"
+        )
+
+
 def verify_prepared(out_dir: Path, splits: Iterable[str] | None = None) -> dict:
-    """Check every shard against the manifest (presence, sha256, schema, rows); return it."""
+    """Check every shard against the manifest (presence, sha256, schema, rows, labels in
+    range); return it."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     expected = shard_schema(tuple(manifest["shape"]))
+    class_names = manifest.get("class_names", [])
     for split in splits or manifest["splits"]:
         if split not in manifest["splits"]:
             raise DataError(f"{out_dir / MANIFEST} has no split {split!r}: {REPAIR_HINT}")
@@ -214,4 +349,6 @@ def verify_prepared(out_dir: Path, splits: Iterable[str] | None = None) -> dict:
                     f"shard {path} has {metadata.num_rows} rows, the manifest says "
                     f"{shard['rows']}: {REPAIR_HINT}"
                 )
+            labels = pq.read_table(path, columns=[LABEL]).column(LABEL).to_numpy()
+            check_labels(labels, class_names, path)
     return manifest

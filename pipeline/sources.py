@@ -3,11 +3,24 @@
 Every image leaves here as a square uint8 array (H, W, C) with the configured channels and
 resolution: the shorter side resized to `resolution` (Lanczos), then a centre crop. One
 conversion path (Pillow) serves every source, so a dataset prepared from an image folder and
-the same images from an array give the same pixels.
+the same images from an array give the same pixels. On the way: 16-bit grayscale is scaled to
+8 bits (65535 -> 255), not clipped; transparent images (an alpha channel, or a transparent
+palette colour) are composited on a white background, and the image folder source lists them
+in the manifest (`transparent_files`).
+
+Image folders are read as the user laid them out, and nothing else: a symbolic link inside
+`image_dir` (which may point anywhere) is an error unless `prepare.follow_symlinks` is set; a
+decompression bomb (more pixels than Pillow's limit, Image.MAX_IMAGE_PIXELS) counts as an
+unreadable file; labels from folders need at least two class subfolders; and each split must
+get MIN_SPLIT_IMAGES images, so that a folder too small for the pipeline stops here with the
+sizes it needs rather than later in featurenet or train.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +31,11 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.config import PrepareParams
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MIN_SPLIT_IMAGES = 2  # per split: FID's covariance (evaluate's floor on the test split) needs two
+BACKGROUND = "white"  # what transparent pixels are composited on
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how some Pillows open them
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+MAX_LISTED = 5
 TORCHVISION_SOURCES = {
     # name -> (torchvision class, files to place by hand when offline, where, relative to raw_dir)
     "mnist": (
@@ -49,11 +67,30 @@ class Source:
     splits: dict[str, int]  # split -> number of images (before skipping unreadable ones)
     items: Iterator[tuple[str, np.ndarray, int]]  # (split, HxWxC uint8, label)
     skipped: list[str] = field(default_factory=list)  # unreadable files skipped on request
+    transparent: list[str] = field(default_factory=list)  # files composited on BACKGROUND
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether some pixels may be (partly) transparent."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def to_8bit_opaque(image: Image.Image) -> Image.Image:
+    """16-bit grayscale scaled to 8 bits (rounded); transparency composited on BACKGROUND.
+    Other images are returned as they are."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        deep = np.asarray(image, dtype=np.int64)
+        image = Image.fromarray(((np.clip(deep, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))
+    if has_alpha(image):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba)
+    return image
 
 
 def to_square(image: Image.Image, channels: int, resolution: int) -> np.ndarray:
-    """Convert to L or RGB, resize the shorter side to `resolution`, centre-crop the square."""
-    image = image.convert("L" if channels == 1 else "RGB")
+    """Convert to L or RGB (to_8bit_opaque first), resize the shorter side to `resolution`,
+    centre-crop the square."""
+    image = to_8bit_opaque(image).convert("L" if channels == 1 else "RGB")
     width, height = image.size
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -120,41 +157,135 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _refuse_links(root: Path, entries: list[Path]) -> None:
+    """Without prepare.follow_symlinks, a symbolic link among the entries to read is an error:
+    it may point outside image_dir (another user's files, a mounted secret)."""
+    links = [e for e in entries if e.is_symlink()]
+    if links:
+        shown = ", ".join(f"{link} -> {os.readlink(link)}" for link in links[:MAX_LISTED])
+        more = f" and {len(links) - MAX_LISTED} more" if len(links) > MAX_LISTED else ""
+        raise SourceError(
+            f"prepare.image_dir {str(root)!r} holds {len(links)} symbolic link(s), which may "
+            f"point outside it: {shown}{more}. Replace them by the files or folders themselves, "
+            "or set prepare.follow_symlinks: true to read what they point to"
+        )
+
+
+def _labeled_files(root: Path, p: PrepareParams) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(class names, (file, label) pairs): one class per subfolder, at least two of them."""
+    subfolders = _class_folders(root)
+    if not p.follow_symlinks:
+        _refuse_links(root, subfolders)
+    if not subfolders:
+        raise SourceError(
+            f"prepare.image_dir {str(root)!r} has no class subfolders, but prepare.image_labels "
+            "is 'folders'; put each class in its own subfolder or set image_labels: none"
+        )
+    per_class = [_image_files(d) for d in subfolders]
+    if not p.follow_symlinks:
+        _refuse_links(root, [f for files in per_class for f in files])
+    with_images = [(d, files) for d, files in zip(subfolders, per_class, strict=True) if files]
+    if len(with_images) == 1:
+        (folder, files), others = with_images[0], len(subfolders) - 1
+        empty = f" ({others} other subfolder(s) hold no images)" if others else ""
+        raise SourceError(
+            f"prepare.image_dir {str(root)!r} has one class subfolder ({folder.name!r}, "
+            f"{len(files)} images){empty}, and labels need at least two (one subfolder per "
+            "class, prepare.image_labels: folders). Add a subfolder per class, or prepare "
+            f"these images unlabeled: prepare.image_dir: {folder} with prepare.image_labels: none"
+        )
+    files = [(f, label) for label, d in enumerate(per_class) for f in d]
+    return [d.name for d in subfolders], files
+
+
+def split_sizes_needed(test_fraction: float) -> int:
+    """The fewest images whose seeded split (seeded_split) gives each split MIN_SPLIT_IMAGES."""
+    n = 2 * MIN_SPLIT_IMAGES
+    while not MIN_SPLIT_IMAGES <= round(n * test_fraction) <= n - MIN_SPLIT_IMAGES:
+        n += 1
+    return n
+
+
+def check_split_sizes(counts: dict[str, int], p: PrepareParams, skipped: int = 0) -> None:
+    """Each of train and test must hold MIN_SPLIT_IMAGES images (SourceError says how many
+    images that takes at prepare.test_fraction)."""
+    train, test = counts.get("train", 0), counts.get("test", 0)
+    if min(train, test) >= MIN_SPLIT_IMAGES:
+        return
+    after = f" after skipping {skipped} unreadable file(s)" if skipped else ""
+    where = f"prepare.image_dir {p.image_dir!r}" if p.image_dir else f"prepare.source {p.source!r}"
+    raise SourceError(
+        f"{where}: {train + test} images{after} make a train split "
+        f"of {train} and a test split of {test} (prepare.test_fraction {p.test_fraction}); each "
+        f"split needs at least {MIN_SPLIT_IMAGES} images (featurenet and evaluate use both), so "
+        f"at least {split_sizes_needed(p.test_fraction)} images at this test_fraction. Add "
+        "images, or change prepare.test_fraction"
+    )
+
+
+def _decode(path: Path, p: PrepareParams) -> tuple[np.ndarray, bool]:
+    """One file's pixels and whether it had transparency; a decompression bomb (Pillow's
+    warning or error) raises like an unreadable file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            return to_square(image, p.channels, p.resolution), has_alpha(image)
+
+
+def _why_unreadable(exc: Exception) -> str:
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        return (
+            f"decompression bomb: {size[1]} pixels, more than Pillow accepts "
+            f"(PIL.Image.MAX_IMAGE_PIXELS {Image.MAX_IMAGE_PIXELS})"
+            if size
+            else f"decompression bomb: {exc}"
+        )
+    return type(exc).__name__
+
+
+UNREADABLE = (
+    UnidentifiedImageError, OSError, SyntaxError, ValueError,
+    Image.DecompressionBombError, Image.DecompressionBombWarning,
+)  # fmt: skip
+
+
 def load_imagefolder_source(p: PrepareParams) -> Source:
     """A folder of images: flat (unlabeled) or one subfolder per class (sorted names)."""
     root = Path(p.image_dir)
     if not root.is_dir():
         raise SourceError(f"prepare.image_dir {str(root)!r} is not a directory")
-    subfolders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if p.image_labels == "folders" and subfolders:
-        classes = [d.name for d in subfolders]
-        files = [(f, label) for label, d in enumerate(subfolders) for f in _image_files(d)]
-    elif p.image_labels == "folders":
-        raise SourceError(
-            f"prepare.image_dir {str(root)!r} has no class subfolders, but prepare.image_labels "
-            "is 'folders'; put each class in its own subfolder or set image_labels: none"
-        )
+    if p.image_labels == "folders":
+        classes, files = _labeled_files(root, p)
     else:
         classes = []
-        files = [(f, -1) for f in _image_files(root)]
+        flat = _image_files(root)
+        if not p.follow_symlinks:
+            _refuse_links(root, flat)
+        files = [(f, -1) for f in flat]
     if not files:
         raise SourceError(
             f"prepare.image_dir {str(root)!r} holds no images (looked for "
             f"{', '.join(IMAGE_SUFFIXES)}{' in its class subfolders' if classes else ''})"
         )
     test = seeded_split(len(files), p.test_fraction, p.seed)
-    source = Source(
-        "imagefolder", classes, {"train": int((~test).sum()), "test": int(test.sum())}, iter(())
-    )
+    splits = {"train": int((~test).sum()), "test": int(test.sum())}
+    check_split_sizes(splits, p)
+    source = Source("imagefolder", classes, splits, iter(()))
 
     def items():
         for (path, label), is_test in zip(files, test, strict=True):
             try:
-                with Image.open(path) as image:
-                    pixels = to_square(image, p.channels, p.resolution)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                source.skipped.append(f"{path} ({type(exc).__name__})")
+                pixels, transparent = _decode(path, p)
+            except UNREADABLE as exc:
+                source.skipped.append(f"{path} ({_why_unreadable(exc)})")
                 continue
+            if transparent:
+                source.transparent.append(str(path))
             yield ("test" if is_test else "train"), pixels, label
         _check_unreadable(root, source.skipped, len(files), p.skip_bad_images)
 
@@ -165,8 +296,8 @@ def load_imagefolder_source(p: PrepareParams) -> Source:
 def _check_unreadable(root: Path, bad: list[str], total: int, skip: bool) -> None:
     """After decoding: fail on unreadable files unless asked to skip them."""
     if bad and not skip:
-        shown = "\n  ".join(bad[:5])
-        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        shown = "\n  ".join(bad[:MAX_LISTED])
+        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         raise SourceError(
             f"{len(bad)} unreadable image file(s) in {str(root)!r}:\n  {shown}{more}\n"
             "Fix or remove them, or set prepare.skip_bad_images: true to skip them "

@@ -19,6 +19,7 @@ from pipeline.featurenet import (
     train_featurenet,
     trust,
 )
+from pipeline.files import OutputError
 from pipeline.prepare import prepare
 from tests.conftest import tree_digest
 from tests.pipeline.test_evaluate import save_candidates
@@ -117,7 +118,7 @@ def test_unlabeled_data_has_no_featurenet_and_evaluation_says_what_to_use(
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
         f"prepare: {{source: imagefolder, image_dir: {flat}, image_labels: none, "
-        f"resolution: 8, out_dir: {tmp_path / 'prepared'}}}\n"
+        f"test_fraction: 0.3, resolution: 8, out_dir: {tmp_path / 'prepared'}}}\n"
         f"featurenet: {{out_dir: {tmp_path / 'fn'}, metrics_file: {tmp_path / 'fn.json'}}}\n"
         f"train: {{out_dir: {tmp_path / 'train'}}}\n"
         f"tracking: {{uri: 'sqlite:///{tmp_path / 'mlflow.db'}'}}\n"
@@ -135,3 +136,18 @@ def test_unlabeled_data_has_no_featurenet_and_evaluation_says_what_to_use(
     assert main(["evaluate", "--params", str(params_file)]) == 1
     err = capsys.readouterr().err
     assert "nothing to score with" in err and "set evaluate.inception: true" in err
+
+
+def test_an_out_dir_it_did_not_create_is_refused_before_training(tmp_path, capsys):
+    params = digits_params(tmp_path, out_dir=str(tmp_path / "mine"))
+    prepare(params, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"featurenet.out_dir .*mine.* holds thesis.txt"):
+        train_featurenet(params)
+    assert "featurenet epoch" not in capsys.readouterr().err  # refused before any work
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["thesis.txt"]
+    into_prepared = digits_params(tmp_path, out_dir=str(tmp_path / "prepared"))
+    with pytest.raises(OutputError, match="written by the prepare stage"):
+        train_featurenet(into_prepared)
+    assert (tmp_path / "prepared" / "manifest.json").is_file()

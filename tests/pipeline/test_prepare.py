@@ -77,7 +77,12 @@ def test_flat_image_folder_is_unlabeled_and_grayscale_conversion_works(tmp_path,
     for f in (image_folder / "cat").iterdir():
         shutil.copy(f, flat / f.name)
     params = params_for(
-        tmp_path, source="imagefolder", image_dir=str(flat), image_labels="none", channels=1
+        tmp_path,
+        source="imagefolder",
+        image_dir=str(flat),
+        image_labels="none",
+        channels=1,
+        test_fraction=0.3,  # 7 images: 5 train, 2 test (each split needs 2)
     )
     manifest = prepare(params, progress=False)
     assert manifest["class_names"] == []
@@ -165,6 +170,20 @@ def test_single_class_with_a_conditional_model(tmp_path, image_folder, previous_
     shutil.copytree(image_folder / "cat", single / "cat")
     params = params_for(
         tmp_path, model={"conditional": True}, source="imagefolder", image_dir=str(single)
+    )
+    with pytest.raises(SourceError, match="one class subfolder \\('cat', 7 images\\)"):
+        prepare(params, progress=False)
+    assert_untouched(previous_output)
+    (single / "dog").mkdir()  # a second class whose images are all skipped as unreadable
+    for i in range(7):
+        (single / "dog" / f"broken{i}.png").write_bytes(b"not a png")
+    params = params_for(
+        tmp_path,
+        model={"conditional": True},
+        source="imagefolder",
+        image_dir=str(single),
+        skip_bad_images=True,
+        test_fraction=0.5,
     )
     with pytest.raises(DataError, match="only class 'cat'.*at least two classes"):
         prepare(params, progress=False)

@@ -121,3 +121,86 @@ def test_intact_data_verifies_and_schema_carries_the_shape(prepared):
     assert manifest["splits"]["train"]["shards"][1]["sha256"] == sha256_file(prepared / SHARD)
     images, _ = PreparedSplit(prepared, "train").read()
     assert images.dtype == np.uint8
+
+
+# --- edited manifests: a clear error naming the manifest and the key, never a KeyError
+
+
+def _drop(*keys):
+    def change(manifest):
+        *parents, last = keys
+        for key in parents:
+            manifest = manifest[key]
+        del manifest[last]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (_drop("dataset_hash"), "'dataset_hash' is missing"),
+        (_drop("splits"), "'splits' is missing"),
+        (
+            _drop("splits", "train", "shards", 0, "sha256"),
+            "'splits.train.shards[0].sha256' is missing",
+        ),
+        (lambda m: m["splits"]["test"].update(rows="many"), "'splits.test.rows' is 'many'"),
+        (lambda m: m.update(shape=[16, 16]), "'shape' is [16, 16]"),
+        (lambda m: m.update(class_names="0123456789"), "'class_names' is '0123456789'"),
+    ],
+)
+def test_a_manifest_missing_or_mistyping_a_key_is_named(copy, change, key):
+    _rewrite_manifest(copy, change)
+    for read in (verify_prepared, lambda d: PreparedSplit(d, "train", verify=False)):
+        with pytest.raises(DataError) as info:
+            read(copy)
+        assert str(copy / MANIFEST) in str(info.value)
+        assert key in str(info.value) and "dvc repro prepare" in str(info.value)
+
+
+def test_a_manifest_that_is_not_a_mapping(copy):
+    (copy / MANIFEST).write_text("[1, 2, 3]\n")
+    with pytest.raises(DataError, match=f"{copy / MANIFEST}: expected a JSON object, got a list"):
+        verify_prepared(copy)
+
+
+@pytest.mark.parametrize("where", ["../outside.parquet", "/tmp/outside.parquet", "train/../../x"])
+def test_a_shard_path_outside_the_prepared_directory_is_refused(copy, where):
+    outside = (copy / where) if not where.startswith("/") else None
+    if outside is not None:
+        outside.parent.mkdir(parents=True, exist_ok=True)
+        outside.write_bytes((copy / SHARD).read_bytes())  # a valid shard, checksum and all
+    _rewrite_manifest(copy, lambda m: m["splits"]["train"]["shards"][1].update(path=where))
+    with pytest.raises(DataError) as info:
+        verify_prepared(copy)
+    assert f"'splits.train.shards[1].path' is {where!r}" in str(info.value)
+    assert "outside" in str(info.value)
+
+
+def test_a_checksum_valid_shard_with_a_label_out_of_range_is_refused(copy):
+    path = copy / SHARD
+    table = pq.read_table(path)
+    labels = table.column("label").to_numpy().copy()
+    labels[7] = 50
+    table = table.set_column(1, table.schema.field("label"), pa.array(labels, pa.int16()))
+    pq.write_table(table, path, compression="zstd")
+    _rewrite_manifest(
+        copy, lambda m: m["splits"]["train"]["shards"][1].update(sha256=sha256_file(path))
+    )
+    with pytest.raises(DataError) as info:
+        PreparedSplit(copy, "train")
+    message = str(info.value)
+    assert f"shard {path} has label 50" in message
+    assert "10 classes (0..9)" in message and "dvc repro prepare" in message
+
+
+def test_shard_rows_are_bounded_by_the_memory_a_shard_takes():
+    from pipeline.config import ParamsError
+
+    with pytest.raises(ParamsError) as info:
+        validate_params({"prepare": {"shard_rows": 1_000_000_000_000}})
+    message = str(info.value)
+    assert "prepare.shard_rows" in message and "1000000000000" in message
+    assert "at most 8388608 rows of 16x16x1 images" in message
+    validate_params({"prepare": {"shard_rows": 8_388_608}})
