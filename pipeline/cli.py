@@ -1,8 +1,10 @@
 """`ganpipe`: the command line. Each subcommand is a thin layer over one function.
 
-Every command that reads params.yaml validates it (with --set overrides) before doing any work;
-invalid params exit with code 2 and write nothing. Bad data (an unreadable source, damaged
-shards) exits with code 1 and a message naming the file and the fix, never a traceback.
+Every command that reads params.yaml validates it (with --set overrides) and its own arguments
+(output paths, counts) before doing any work; invalid params or arguments exit with code 2 and
+write nothing. Bad data (an unreadable source, damaged shards) exits with code 1 and a message
+naming the file and the fix, never a traceback. Messages are capped (MESSAGE_LINES lines of at
+most MESSAGE_WIDTH characters) whatever they echo.
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from gan.export import ExportError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
-from pipeline.errors import ClusterError, EvaluationError, RegistryError, SweepError
+from pipeline.errors import ClusterError, EvaluationError, RegistryError, SweepError, shorten
 from pipeline.files import OutputError
+from pipeline.params_yaml import dump_yaml
 from pipeline.shards import DataError
 from pipeline.sources import SourceError
 from pipeline.tracking import TrackingError
@@ -34,6 +35,19 @@ BAD_INPUT = (
 EXIT_BAD_INPUT = 1
 EXIT_BAD_PARAMS = 2
 EXIT_INTERRUPTED = 130
+MESSAGE_LINES = 40
+MESSAGE_WIDTH = 1_000
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _params_options() -> argparse.ArgumentParser:
@@ -57,15 +71,19 @@ def _params_options() -> argparse.ArgumentParser:
 
 def resolved_yaml(params: Params) -> str:
     """The full configuration, defaults included, as YAML."""
-    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+    return dump_yaml(params.model_dump(mode="json"))
 
 
 def cmd_validate(params: Params, args: argparse.Namespace) -> int:
     text = resolved_yaml(params)
-    if args.out:
-        args.out.write_text(text)
-    else:
+    if not args.out:
         sys.stdout.write(text)
+        return 0
+    try:
+        args.out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"ganpipe validate: --out {args.out}: cannot write ({exc.strerror})", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 
@@ -220,10 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         help="model URI (default: models:/<register.model_name>@<register.alias>)",
     )
-    sample.add_argument("--num", type=int, default=64, help="images (default: %(default)s)")
+    sample.add_argument(
+        "--num", type=_positive_int, default=64, help="images (default: %(default)s)"
+    )
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     sample.add_argument("--label", type=int, help="class of every image (conditional models)")
-    sample.add_argument("--nrow", type=int, default=8, help="images per grid row")
+    sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")
     sample.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write")
     toy = commands.add_parser(
         "toy", help="train a small GAN on a 2-D Gaussian mixture and report mode coverage"
@@ -232,14 +252,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def output_problem(path: Path, *, create_parents: bool) -> str | None:
+    """Why a file cannot be written at `path` (None if it can be tried): it is a directory, or
+    its directory is missing (when the command does not create it) or is a file."""
+    if path.is_dir():
+        return f"{path} is a directory; give a file name, e.g. {path / 'out'}"
+    parent = path.parent
+    while not parent.exists() and create_parents and parent != parent.parent:
+        parent = parent.parent
+    if not parent.exists():
+        return f"directory {parent} does not exist; create it (mkdir -p) or choose another path"
+    if not parent.is_dir():
+        return f"{parent} is not a directory"
+    return None
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """A problem with the command's own arguments, found before any params are read."""
+    if args.command == "validate" and args.out is not None:
+        problem = output_problem(args.out, create_parents=False)
+        return problem and f"--out {args.out}: {problem}"
+    if args.command == "sample":
+        problem = output_problem(args.out, create_parents=True)  # sample_grid creates them
+        return problem and f"--out {args.out}: {problem}"
+    return None
+
+
+def _report(prefix: str, exc: BaseException) -> None:
+    """Print an error in MESSAGE_LINES lines of at most MESSAGE_WIDTH characters."""
+    lines = [shorten(line, MESSAGE_WIDTH) for line in str(exc).splitlines()] or [repr(exc)]
+    if len(lines) > MESSAGE_LINES:
+        lines = [*lines[:MESSAGE_LINES], f"... and {len(lines) - MESSAGE_LINES:,} more lines"]
+    print(f"{prefix}: " + "\n".join(lines), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "toy":
         return cmd_toy(args)
+    problem = _argument_problem(args)
+    if problem:
+        print(f"ganpipe {args.command}: {problem}", file=sys.stderr)
+        return EXIT_BAD_PARAMS
     try:
         params = load_params(args.params, args.overrides)
     except ParamsError as exc:
-        print(f"ganpipe: {exc}", file=sys.stderr)
+        _report("ganpipe", exc)
         return EXIT_BAD_PARAMS
     stage = {
         "validate": cmd_validate,
@@ -253,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return stage(params, args)
     except BAD_INPUT as exc:
-        print(f"ganpipe {args.command}: {exc}", file=sys.stderr)
+        _report(f"ganpipe {args.command}", exc)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"ganpipe {args.command}: interrupted", file=sys.stderr)

@@ -11,13 +11,11 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,9 +30,12 @@ from pydantic_core import PydanticCustomError
 from gan.augment import POLICIES
 from gan.losses import LOSSES
 from gan.models import D_NORMS, FAMILIES
+from pipeline.errors import ECHO_LIMIT, echo, shorten
+from pipeline.params_yaml import YAMLInputError, parse_yaml
 from pipeline.recipes import RECIPE_NOTE, recipe_default, with_recipe
 
 DEFAULT_PARAMS_FILE = Path("params.yaml")
+MAX_PROBLEMS = 20  # listed in one ParamsError; the rest are counted
 
 LABELED_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10")
 LossName = Literal[tuple(LOSSES)]
@@ -316,7 +317,9 @@ class SweepParams(Section):
             if model is None or field not in model.model_fields:
                 tunable = [f"{s}.{k}" for s, m in TUNABLE_SECTIONS.items() for k in m.model_fields]
                 hint = _did_you_mean(key, tunable)
-                raise _inconsistent(f"sweep.space.{key}: not a train.* or model.* key{hint}")
+                raise _inconsistent(
+                    f"sweep.space.{shorten(key)}: not a train.* or model.* key{hint}"
+                )
             if isinstance(dim, Uniform) and model.model_fields[field].annotation is not float:
                 raise _inconsistent(
                     f"sweep.space.{key}: {dim.type} needs a float key; use choice or grid"
@@ -569,7 +572,7 @@ class Params(Section):
                 except ValidationError as exc:
                     reasons = "; ".join(_describe(e) for e in exc.errors())
                     raise _inconsistent(
-                        f"sweep.space.{key}: value {value!r} gives an invalid trial: {reasons}"
+                        f"sweep.space.{key}: value {echo(value)} gives an invalid trial: {reasons}"
                     ) from None
 
     @property
@@ -600,6 +603,8 @@ KEY_ALIASES = {
 
 def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
     """A hint naming the closest allowed key: by spelling, else by a known alias."""
+    if len(word) > 100:  # no key is this long; spare difflib the work
+        return ""
     targets = {c: (c,) for c in candidates}
     for alias, keys in KEY_ALIASES.items():
         if all(k in targets for k in keys):
@@ -626,14 +631,16 @@ DIMENSIONS = {"choice": Choice, "grid": Grid, "uniform": Uniform, "loguniform": 
 
 
 def _describe(error: dict) -> str:
+    """One problem as `key.path: what is wrong (got value)`, every echo of the input
+    shortened (errors.ECHO_LIMIT)."""
     loc = tuple(part for part in error["loc"] if part not in DIMENSIONS)
-    path = ".".join(str(part) for part in loc)
+    path = shorten(".".join(str(part) for part in loc))
     if error["type"] == "extra_forbidden":
         tags = [part for part in error["loc"] if part in DIMENSIONS]
         section = DIMENSIONS[tags[-1]] if tags else _section_model(loc)
         allowed = sorted(section.model_fields) if section else []
         hint = _did_you_mean(str(loc[-1]), allowed) or f"; allowed keys: {', '.join(allowed)}"
-        return f"{path}: unknown key (value {error['input']!r}){hint}"
+        return f"{path}: unknown key (value {echo(error['input'])}){hint}"
     if error["type"] == "inconsistent":
         # Cross-key messages already start with the key paths they involve.
         return (
@@ -641,40 +648,7 @@ def _describe(error: dict) -> str:
         )
     message = error["msg"].removeprefix("Value error, ")
     prefix = f"{path}: " if path else ""
-    return f"{prefix}{message} (got {error['input']!r})"
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2 scalars, as DVC reads params.yaml: 1e-4 is a float,
-    and only true/false are booleans (on/off/yes/no stay strings)."""
-
-
-_BOOL = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text: str):
-    """Parse YAML text the way params.yaml is read everywhere in the pipeline."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return f"{prefix}{message} (got {echo(error['input'])})"
 
 
 def validate_params(raw: Any, source: str = str(DEFAULT_PARAMS_FILE)) -> Params:
@@ -686,8 +660,11 @@ def validate_params(raw: Any, source: str = str(DEFAULT_PARAMS_FILE)) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
-        raise ParamsError(f"{source} is invalid:\n{problems}") from None
+        errors = exc.errors()
+        lines = [f"  - {shorten(_describe(e), 4 * ECHO_LIMIT)}" for e in errors[:MAX_PROBLEMS]]
+        if len(errors) > MAX_PROBLEMS:
+            lines.append(f"  ... and {len(errors) - MAX_PROBLEMS:,} more problems")
+        raise ParamsError(f"{source} is invalid:\n" + "\n".join(lines)) from None
 
 
 def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
@@ -697,7 +674,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ParamsError(
-                f"override {item!r}: expected section.key=value, e.g. train.lr_g=1e-4"
+                f"override {echo(item)}: expected section.key=value, e.g. train.lr_g=1e-4"
             )
         parts = key.strip().split(".")
         if parts[:2] == ["sweep", "space"] and len(parts) > 3:  # space keys are 'section.key'
@@ -709,28 +686,47 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
-                where = ".".join(parents[: depth + 1])
-                raise ParamsError(f"override {item!r}: {where} is a value, not a section")
+                where = shorten(".".join(parents[: depth + 1]))
+                raise ParamsError(f"override {echo(item)}: {where} is a value, not a section")
         try:
             node[leaf] = parse_yaml(text)
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        except YAMLInputError as exc:
+            raise ParamsError(f"override {echo(item)}: {exc}") from None
     return result
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str] = ()) -> Params:
-    """Read, override and validate a params file; ParamsError on any problem."""
-    path = Path(path)
+def parse_yaml_file(path: Path) -> Any:
+    """The parsed content of a params file; ParamsError if it cannot be read or parsed."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")  # what DVC reads it as
     except FileNotFoundError:
         raise ParamsError(
             f"{path}: no such params file; run from the project root or pass --params PATH"
         ) from None
+    except IsADirectoryError:
+        raise ParamsError(
+            f"{path}: is a directory, not a params file; pass --params {path / 'params.yaml'}"
+        ) from None
+    except UnicodeDecodeError as exc:
+        data = path.read_bytes()
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ParamsError(
+            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); DVC reads "
+            "params files as UTF-8 too: save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror})") from None
     try:
-        raw = parse_yaml(text)
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        return parse_yaml(text)
+    except YAMLInputError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str] = ()) -> Params:
+    """Read (as DVC does: UTF-8 and YAML 1.2, pipeline/params_yaml.py), override and validate
+    a params file; ParamsError on any problem."""
+    path = Path(path)
+    raw = parse_yaml_file(path)
     if overrides:
         if raw is not None and not isinstance(raw, Mapping):
             raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")

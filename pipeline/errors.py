@@ -1,4 +1,5 @@
-"""Errors of the stages that the CLI reports as bad input (exit 1).
+"""Errors of the stages that the CLI reports as bad input (exit 1), and how much of the user's
+input any error message may repeat (shorten, echo).
 
 They live apart from the stages so that the CLI can name them without importing torch-fidelity
 or MLflow."""
@@ -19,3 +20,20 @@ class SweepError(ValueError):
 
 class ClusterError(ConnectionError):
     """The Ray cluster named by RAY_ADDRESS (or ray.address) cannot be joined."""
+
+
+# The most an error message repeats of a value the user gave: a 10 MB value (or a key, or an
+# alias bomb written out) must not become a 10 MB message.
+ECHO_LIMIT = 200
+
+
+def shorten(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text`, or its first `limit` characters with a note of how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text):,} characters]"
+
+
+def echo(value: object, limit: int = ECHO_LIMIT) -> str:
+    """repr(value) for an error message, shortened to about `limit` characters."""
+    return shorten(repr(value), limit)

@@ -21,11 +21,11 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from pipeline.config import Params, parse_yaml
+from pipeline.config import Params
+from pipeline.params_yaml import YAMLInputError, parse_yaml
 
 DVC_FILE = Path(__file__).resolve().parent.parent / "dvc.yaml"
 REGENERATE = "python -m pipeline.reference > {path}"
@@ -57,6 +57,9 @@ where defaults are stated). Keys you leave out take the default shown here;
 - Types are strict: `steps: yes` or `lr_g: true` is an error, not a silent 1 (an int is
   accepted where a float is expected). `null` is YAML's null (the schema's `None`).
 - A section with nothing under it (`train:`) takes all its defaults.
+- The file (and every `--set` value) is read exactly as DVC reads it, with DVC's own parser
+  (ruamel.yaml, YAML 1.2): `010` is 10, `1:30` is a string, so are `on`, `off`, `yes` and
+  `no`; `2e-4` is a float; a key given twice is an error. The file must be UTF-8.
 - Some checks span keys (a Wasserstein loss needs a gradient penalty or spectral norm, PBT
   needs one worker per trial, ...): see
   [troubleshooting](troubleshooting.md#invalid-params-exit-code-2).
@@ -77,7 +80,7 @@ def yaml_text(value: typing.Any) -> str:
         try:
             if parse_yaml(value) == value:  # not a number, boolean or null in disguise
                 return value
-        except yaml.YAMLError:
+        except YAMLInputError:
             pass
     return json.dumps(value)  # null, true/false, numbers; strings quoted (JSON is YAML)
 
@@ -163,7 +166,7 @@ def _stage_params(dvc_file: Path) -> dict[str, list[str]]:
     if not dvc_file.is_file():
         return {}
     declared: dict[str, list[str]] = {}
-    for stage, spec in (yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}).items():
+    for stage, spec in (parse_yaml(dvc_file.read_text()) or {}).get("stages", {}).items():
         for entry in spec.get("params", []):
             # `- train` names a key of params.yaml; `- params.yaml: [train]` does too.
             names = [entry] if isinstance(entry, str) else entry.get("params.yaml") or []

@@ -94,3 +94,49 @@ def test_dvc_exp_run_set_param_reaches_the_validated_config(tmp_path):
     appended = sh(*dvc, "exp", "run", "-S", "+train.lerning_rate=1e-4", check=False)  # forced
     assert appended.returncode != 0
     assert "did you mean 'lr_g' or 'lr_d'" in appended.stdout + appended.stderr
+
+
+# --- issue 13: bad paths and arguments are one-line messages with exit 2, never a traceback.
+
+
+def test_bad_params_paths_exit_2_with_a_message(tmp_path, capsys):
+    (tmp_path / "latin1.yaml").write_bytes(b"train:\n  loss: \xe9\n")
+    assert main(["validate", "--params", str(tmp_path / "latin1.yaml")]) == EXIT_BAD_PARAMS
+    assert "not UTF-8" in capsys.readouterr().err
+    assert main(["validate", "--params", str(tmp_path)]) == EXIT_BAD_PARAMS
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_validate_out_into_a_missing_directory_exits_2_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("")
+    out = tmp_path / "missing" / "resolved.yaml"
+    code = main(["validate", "--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    assert code == EXIT_BAD_PARAMS
+    err = capsys.readouterr().err
+    assert "--out" in err and "does not exist" in err and str(out.parent) in err
+    assert not out.parent.exists()
+    code = main(["validate", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path)])
+    assert code == EXIT_BAD_PARAMS and "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nrow", "0"], "--nrow: expected a positive integer, got 0"),
+        (["--num", "-3"], "--num: expected a positive integer, got -3"),
+        (["--out", "."], "is a directory"),
+    ],
+)
+def test_sample_arguments_are_checked_before_any_model_is_loaded(tmp_path, args, message):
+    (tmp_path / "params.yaml").write_text("")
+    result = ganpipe("sample", "--model", str(tmp_path / "no-model"), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("ganpipe sample:")  # usage, then the message
+
+
+def test_a_huge_error_message_is_capped_by_the_cli(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("train:\n  typo: " + "x" * 1_000_000 + "\n")
+    assert main(["validate", "--params", str(tmp_path / "params.yaml")]) == EXIT_BAD_PARAMS
+    err = capsys.readouterr().err
+    assert "train.typo: unknown key" in err and len(err) < 2_000

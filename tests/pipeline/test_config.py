@@ -319,3 +319,77 @@ def test_fuzzed_params_fail_cleanly_naming_a_mutated_key(mutations):
                 assert accepted is value  # never turned into 0/1
             elif isinstance(value, (int, float)) and isinstance(accepted, (int, float)):
                 assert _same(float(accepted), float(value))
+
+
+# --- issue 13: errors stay short; files read as DVC reads them; bad paths are messages.
+
+
+def test_a_huge_value_under_an_unknown_key_gives_a_short_message():
+    with pytest.raises(ParamsError) as caught:
+        validate_params({"train": {"typo": "x" * 10_000_000}})
+    message = str(caught.value)
+    assert "train.typo: unknown key" in message
+    assert "10,000,002 characters" in message  # the echo says how long the value was
+    assert len(message) < 2_000
+
+
+def test_a_huge_key_and_a_huge_override_give_short_messages():
+    with pytest.raises(ParamsError) as caught:
+        validate_params({"train": {"k" * 1_000_000: 1}})
+    assert len(str(caught.value)) < 2_000
+    with pytest.raises(ParamsError) as caught:
+        apply_overrides({}, ["train.lr_g.x=" + "9" * 1_000_000])
+    assert len(str(caught.value)) < 2_000
+    with pytest.raises(ParamsError) as caught:
+        validate_params({"sweep": {"space": {"x" * 1_000_000: {"type": "choice", "values": [1]}}}})
+    assert len(str(caught.value)) < 2_000
+
+
+def test_a_list_of_many_bad_values_lists_the_first_problems_only():
+    with pytest.raises(ParamsError) as caught:
+        validate_params({"train": {"diffaugment": [f"bad{i}" for i in range(10_000)]}})
+    lines = str(caught.value).splitlines()
+    assert len(lines) < 40
+    assert "more problems" in lines[-1]
+
+
+def test_an_alias_bomb_in_the_params_file_is_a_short_params_error(tmp_path):
+    from tests.pipeline.test_params_yaml import alias_bomb
+
+    path = tmp_path / "params.yaml"
+    path.write_text(alias_bomb())
+    with pytest.raises(ParamsError, match="aliases .* expand") as caught:
+        load_params(path)
+    assert str(path) in str(caught.value) and len(str(caught.value)) < 500
+
+
+def test_the_file_is_read_as_yaml_1_2_like_dvc(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  steps: 010\n")
+    assert load_params(path).train.steps == 10
+    path.write_text("train:\n  steps: 10\n  steps: 20\n")
+    with pytest.raises(ParamsError, match=r"duplicate key \"steps\""):
+        load_params(path)
+    path.write_text("tracking:\n  experiment: 1:30\n")
+    assert load_params(path).tracking.experiment == "1:30"
+
+
+def test_override_values_are_read_as_yaml_1_2_too(tmp_path):
+    from tests.pipeline.test_params_yaml import flow_alias_bomb
+
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    params = load_params(path, ["train.steps=010", "tracking.experiment=1:30", "train.lr_g=2e-4"])
+    assert (params.train.steps, params.tracking.experiment) == (10, "1:30")
+    assert params.train.lr_g == 2e-4
+    with pytest.raises(ParamsError, match="aliases .* expand"):
+        apply_overrides({}, ["train.x=" + flow_alias_bomb()])
+
+
+def test_a_non_utf8_file_or_a_directory_is_a_params_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"train:\n  loss: \xe9\n")  # Latin-1
+    with pytest.raises(ParamsError, match=r"not UTF-8 .*line 2"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="is a directory"):
+        load_params(tmp_path)
