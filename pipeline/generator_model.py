@@ -1,35 +1,222 @@
-"""The registered generator as an MLflow pyfunc, logged as code ("models from code"), not pickled.
+"""The registered generator as an MLflow pyfunc whose artifact holds data only.
 
-MLflow copies this file and the `gan` package into the model (nothing else of the repository
-travels with it, so this file never imports `pipeline`). Loading the model runs this file and
-`load_context`, which reads the exported generator (safetensors + JSON) with
-`gan.export.load_generator`: the weights must hash to the sha256 pinned in the MLmodel file
-before a byte of them is parsed.
+The register stage logs a model whose MLmodel file names this module as the python_function
+`loader_module` (no `code`, no `python_model`): MLflow imports it from the installed ganpipe
+package and calls `_load_pyfunc` with the model's data directory, the exported generator
+(safetensors + JSON, see gan/export.py). Nothing executable travels with the model, and
+`check_data_only` refuses a model directory that holds anything but data or names another
+loader. The files are then checked against the digest the tracking store pins for the model
+(`trusted_digest`) before a byte of them is parsed. docs/models.md states the trust model.
 
 Request: a DataFrame with columns num_images, seed and (optional) label; each row asks for
 `num_images` images from noise seeded by `seed`, all of class `label` (conditional models;
--1, or no label column, cycles through the classes; MLflow's schema check refuses a label
-column with gaps, so rows without a class say -1). Response: float32 array (N, C, H, W) in
-[0, 1], the rows' images one after another; at most MAX_IMAGES per request.
+-1, or no label column, cycles through the classes). Each value must be an integer (not a
+bool, a float or a string); every row is checked, and the total (at most MAX_IMAGES), before
+any image is generated. Response: float32 array (N, C, H, W) in [0, 1], the rows' images one
+after another.
 """
 
 from __future__ import annotations
+
+import logging
+import math
+import numbers
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.models import Model
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.store.db.db_types import DATABASE_ENGINES
+from mlflow.tracking import MlflowClient
 
-from gan.export import load_generator
+from gan.export import ExportError, load_generator
 from gan.models import GeneratorSpec
 from gan.sampling import generate
+from pipeline.errors import RegistryError
+from pipeline.tracking import TrackingError, check_reachable
 
-ARTIFACT = "generator"  # the exported generator directory, as a pyfunc artifact
-SHA_KEY = "weights_sha256"  # in the MLmodel metadata and model_config
+log = logging.getLogger(__name__)
+
+# The module MLflow imports to load a registered generator: this one, from the installed
+# ganpipe package, never code from the artifact (its MLmodel has no `code`, no `python_model`).
+LOADER_MODULE = "pipeline.generator_model"
+# The digest of the generator's files (gan.export.generator_digest): a tag on the model version
+# and on the logged model, in the tracking store, where the artifact store cannot change it.
+DIGEST_TAG = "ganpipe.generator_digest"
+DIGEST_KEY = "ganpipe_generator_digest"  # the same digest in the MLmodel metadata (alongside)
+
 MAX_IMAGES = 1024  # per request: bounds the memory and time one request can take
 CYCLE = -1  # the label value that means "cycle through the classes"
+COLUMNS = ("num_images", "seed", "label")  # label is optional
+SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # what torch.Generator.manual_seed takes
+# A ganpipe model directory holds MLmodel, the YAML that MLflow writes when it downloads a
+# models:/ URI, and files with these suffixes, nothing else: no Python, no pickle, no native
+# library that a loader could be talked into running.
+DATA_NAMES = ("MLmodel", "registered_model_meta")
+DATA_SUFFIXES = (".json", ".safetensors", ".yaml", ".txt")
+PYFUNC = "python_function"
+CODE_KEYS = ("code", "python_model", "model_code_path", "cloudpickle_version")
+
+
+def check_data_only(model_dir: Path, where: str) -> tuple[Path, Model]:
+    """The generator's data directory inside MLflow model `model_dir`, and its MLmodel, once
+    they are known to be what the register stage logs: the installed loader module, no code
+    in the flavor and no file but data in the directory. `where` names the model in errors."""
+    try:
+        model = Model.load(model_dir)
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"{where} is not an MLflow model ({exc})") from None
+    flavor = model.flavors.get(PYFUNC, {})
+    loader = flavor.get("loader_module")
+    code = [key for key in CODE_KEYS if flavor.get(key)]
+    if loader != LOADER_MODULE or code:
+        raise RegistryError(
+            f"{where} is not a data-only ganpipe model (its MLmodel names loader "
+            f"{loader!r}{' and ' + ', '.join(code) if code else ''}; expected loader "
+            f"{LOADER_MODULE!r} and no code): it was logged by an older ganpipe, whose models "
+            "ship code, or changed after registration; re-register it with `ganpipe register`"
+        )
+    files = sorted(p for p in model_dir.rglob("*") if not p.is_dir())
+    foreign = [
+        p.relative_to(model_dir).as_posix()
+        for p in files
+        if not p.is_file() or (p.name not in DATA_NAMES and p.suffix not in DATA_SUFFIXES)
+    ]
+    if foreign:
+        raise RegistryError(
+            f"{where} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
+            "ganpipe never loads: a ganpipe model is data only (MLmodel, JSON, YAML, text and "
+            "safetensors files), so it was changed after registration; refusing it"
+        )
+    data = (model_dir / str(flavor.get("data", ""))).resolve()
+    if not data.is_relative_to(model_dir.resolve()) or data == model_dir.resolve():
+        raise RegistryError(f"{where}: its MLmodel's data path {flavor.get('data')!r} is invalid")
+    return data, model
+
+
+def open_registry(uri: str, must_exist: bool = False) -> MlflowClient:
+    """A client for the registry at `uri`, once it is known to be a registry that answers;
+    `must_exist`: an sqlite file that is not there is an error, not a new empty registry."""
+    scheme = uri.partition(":")[0].partition("+")[0]
+    if scheme not in (*DATABASE_ENGINES, "http", "https"):
+        raise RegistryError(
+            f"{uri} cannot hold an MLflow Model Registry (it needs a database or a tracking "
+            "server); set tracking.uri to sqlite:///mlflow.db or MLFLOW_TRACKING_URI to a server"
+        )
+    database = uri.removeprefix("sqlite:///")
+    if must_exist and scheme == "sqlite" and not Path(database).is_file():
+        raise RegistryError(
+            f"there is no model registry at {uri} ({database} does not exist); run "
+            "`ganpipe register` first, or point MLFLOW_TRACKING_URI at the registry"
+        )
+    try:
+        check_reachable(uri)
+    except TrackingError as exc:
+        raise RegistryError(f"model registry: {exc}") from None
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def logged_model_digest(client: MlflowClient, model_id: str) -> str | None:
+    """The digest the tracking store pins for logged model `model_id` (None if it has no such
+    model or no digest tag)."""
+    try:
+        return client.get_logged_model(model_id).tags.get(DIGEST_TAG)
+    except MlflowException as exc:
+        if exc.error_code == MlflowException("", RESOURCE_DOES_NOT_EXIST).error_code:
+            return None
+        raise RegistryError(f"tracking store {client.tracking_uri}: {exc.message}") from None
+
+
+def _store(uri: str) -> MlflowClient | None:
+    """A client for the tracking store at `uri`; None when it is an sqlite file that does not
+    exist (there is no store to ask, and asking would create an empty one)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return open_registry(uri)
+
+
+def trusted_digest(model: Model, where: str, tracking_uri: str) -> str:
+    """The digest to check a model's files against: the tag the tracking store at
+    `tracking_uri` holds for the MLmodel's logged model; failing that, the digest stored
+    alongside in the MLmodel metadata, with a warning that says what was not verified."""
+    client = _store(tracking_uri)
+    if client is not None and model.model_id:
+        pinned = logged_model_digest(client, model.model_id)
+        if pinned:
+            return pinned
+    own = (model.metadata or {}).get(DIGEST_KEY)
+    if not own:
+        raise RegistryError(
+            f"{where}: no digest pinned for it (logged model {model.model_id} has no tag "
+            f"{DIGEST_TAG} in {tracking_uri}) and none in its MLmodel metadata ({DIGEST_KEY}), "
+            "so its files cannot be checked; register it with `ganpipe register`"
+        )
+    known = "there is no tracking store at" if client is None else "no digest for it in"
+    log.warning(
+        "%s: checked only against the digest in its own MLmodel file (%s %s, logged model %s): "
+        "nothing ties these files to a registered version, so a consistent swap of weights, "
+        "spec and MLmodel would pass; load it as models:/NAME@ALIAS, or set "
+        "MLFLOW_TRACKING_URI to the registry it came from, to verify it",
+        where, known, tracking_uri, model.model_id,
+    )  # fmt: skip
+    return own
+
+
+def load_checked(data_dir: Path, digest: str, where: str):
+    """The generator, spec and description in `data_dir`, whose files must hash to `digest`."""
+    try:
+        return load_generator(data_dir, digest)
+    except ExportError as exc:
+        raise RegistryError(f"{where}: {exc}") from None
+
+
+def _count(value, what: str, low: int, high: int) -> int:
+    """`value` as an int if it is a whole number (not a bool, float or string) in low..high."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        if isinstance(value, float) and math.isnan(value):  # the record lacks it
+            raise ValueError(f"{what} is missing: give it in every record (a label of -1 cycles)")
+        raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+    if not low <= value <= high:
+        raise ValueError(f"{what} must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def check_requests(model_input: pd.DataFrame, spec: GeneratorSpec) -> list[tuple]:
+    """(num_images, seed, label or None) for every row, once every row and the total are
+    known to be answerable; ValueError naming the record and the value otherwise."""
+    missing = [c for c in COLUMNS[:2] if c not in model_input.columns]
+    if missing:
+        raise ValueError(
+            f"missing column(s) {', '.join(missing)}: each record has num_images, seed and "
+            "(optional) label"
+        )
+    top = spec.num_classes - 1
+    rows, total = [], 0
+    for i, record in enumerate(model_input.to_dict("records")):
+        number = _count(record["num_images"], f"record {i}: num_images", 1, MAX_IMAGES)
+        seed = _count(record["seed"], f"record {i}: seed", *SEED_RANGE)
+        label = _count(record.get("label", CYCLE), f"record {i}: label", CYCLE, SEED_RANGE[1])
+        if label != CYCLE and spec.num_classes == 0:
+            raise ValueError(
+                f"record {i}: label {label} given, but this generator is unconditional (no "
+                "classes); send -1 or no label column"
+            )
+        if label > top:
+            raise ValueError(
+                f"record {i}: label {label} is outside the model's classes 0..{top} (-1 cycles)"
+            )
+        total += number
+        rows.append((number, seed, None if label == CYCLE else label))
+    if not 1 <= total <= MAX_IMAGES:
+        raise ValueError(
+            f"the request asks for {total} images in {len(rows)} records; between 1 and "
+            f"{MAX_IMAGES} per request"
+        )
+    return rows
 
 
 def to_images(
@@ -41,38 +228,37 @@ def to_images(
 ) -> torch.Tensor:
     """`num_images` images (N, C, H, W) in [0, 1] from seed-fixed noise; ValueError for a
     request the model cannot answer (too many images, a label it does not know)."""
-    if not 1 <= num_images <= MAX_IMAGES:
-        raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
+    num_images = _count(num_images, "num_images", 1, MAX_IMAGES)
     if label is not None and spec.num_classes == 0:
         raise ValueError(f"label {label} given, but this generator is unconditional (no classes)")
     images = generate(generator, num_images, spec.z_dim, spec.num_classes, seed, label)
     return ((images + 1) / 2).clamp(0, 1)
 
 
-class GeneratorModel(mlflow.pyfunc.PythonModel):
-    """Samples images from the generator shipped as the model's `generator` artifact."""
+class GeneratorModel:
+    """Samples images from a checked generator (what `_load_pyfunc` returns to MLflow)."""
 
-    def load_context(self, context):
-        expected = (context.model_config or {}).get(SHA_KEY)
-        self.generator, self.spec, _ = load_generator(context.artifacts[ARTIFACT], expected)
+    def __init__(self, generator: torch.nn.Module, spec: GeneratorSpec):
+        self.generator, self.spec = generator, spec
 
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        total = int(model_input["num_images"].sum())
-        if not 1 <= total <= MAX_IMAGES:
-            raise MlflowException(
-                f"the request asks for {total} images; between 1 and {MAX_IMAGES} per request",
-                INVALID_PARAMETER_VALUE,
-            )
+    def predict(self, model_input: pd.DataFrame, params=None) -> np.ndarray:
         try:
-            chunks = [self._images(row) for row in model_input.to_dict("records")]
+            rows = check_requests(pd.DataFrame(model_input), self.spec)
+            chunks = [to_images(self.generator, self.spec, *row) for row in rows]
         except ValueError as exc:  # a request this model cannot answer: HTTP 400 when served
             raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from None
         return torch.cat(chunks).numpy()  # float32, as `generate` returns
 
-    def _images(self, row: dict) -> torch.Tensor:
-        label = int(row.get("label", CYCLE))
-        label = None if label == CYCLE else label
-        return to_images(self.generator, self.spec, int(row["num_images"]), int(row["seed"]), label)
 
-
-mlflow.models.set_model(GeneratorModel())
+def _load_pyfunc(data_path: str) -> GeneratorModel:
+    """MLflow's entry point (`mlflow.pyfunc.load_model`, `mlflow models serve`): the model
+    directory is checked to be data only, and its files against the trusted digest."""
+    data = Path(data_path)
+    model_dir = data.parent.parent  # MLflow puts the data directory at data/<name>
+    where = f"MLflow model {model_dir}"
+    checked, model = check_data_only(model_dir, where)
+    if checked != data.resolve():
+        raise RegistryError(f"{where}: MLflow loads {data}, its MLmodel names {checked}")
+    digest = trusted_digest(model, where, mlflow.get_tracking_uri())
+    generator, spec, _ = load_checked(checked, digest, where)
+    return GeneratorModel(generator, spec)

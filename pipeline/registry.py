@@ -1,12 +1,14 @@
 """The `register` stage: the best evaluated candidate into the MLflow Model Registry.
 
 It ranks the evaluate stage's non-diverged candidates by `register.metric`, logs the winner's
-exported generator as a pickle-free pyfunc (pipeline/generator_model.py, "models from code",
-with the `gan` package and the safetensors weights as files), registers it with tags that
-identify it (weights sha256, dataset, params, git commit, evaluation protocol and scores) and
-applies champion/challenger aliases: the new version is the challenger, and also the champion
-when it beats the current one under the same evaluation protocol. The same weights registered
-again reuse their version. `register.out_file` is written last, only once all of this worked.
+exported generator as a pyfunc whose artifact holds data only (the safetensors weights and
+their JSON spec; the MLmodel file names the installed `pipeline.generator_model` as its loader
+module, so no code travels with the model), registers it with tags that identify it (the
+digest of the generator's files, which every loader checks, weights sha256, dataset, params,
+git commit, evaluation protocol and scores) and applies champion/challenger aliases: the new
+version is the challenger, and also the champion when it beats the current one under the same
+evaluation protocol. The same generator files (the same digest) registered again reuse their
+version. `register.out_file` is written last, only once all of this worked.
 """
 
 from __future__ import annotations
@@ -25,21 +27,18 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.store.db.db_types import DATABASE_ENGINES
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.types.schema import AnyType
 
-import gan
-from gan.export import load_generator
+from gan.export import generator_digest, load_generator
 from gan.models import GeneratorSpec
 from pipeline.candidates import GENERATORS
 from pipeline.config import RANKING_METRICS, Params, metric_extractor
 from pipeline.errors import RegistryError
 from pipeline.files import write_json
-from pipeline.generator_model import ARTIFACT, SHA_KEY
+from pipeline.generator_model import DIGEST_KEY, DIGEST_TAG, LOADER_MODULE, open_registry
 from pipeline.tracking import (
-    TrackingError,
-    check_reachable,
     experiment_id,
     git_commit,
     json_tag,
@@ -47,11 +46,10 @@ from pipeline.tracking import (
     tracking_uri,
 )
 
-MODEL_CODE = Path(__file__).with_name("generator_model.py")
-GAN_PACKAGE = Path(gan.__file__).parent
-# What the served model imports, pinned to the versions it was logged with (nothing inferred).
+# What the served model imports besides ganpipe itself, pinned to the versions it was logged
+# with (nothing inferred). ganpipe is not on PyPI: serve where it is installed.
 REQUIREMENTS = ("mlflow", "torch", "safetensors", "numpy", "pandas")
-TAG = "ganpipe."
+TAG = "ganpipe."  # the prefix of every tag ganpipe sets (DIGEST_TAG too)
 SHA_TAG = TAG + "weights_sha256"
 PROTOCOL_ID_TAG = TAG + "protocol_id"
 METRIC_TAG = TAG + "metric."
@@ -66,17 +64,19 @@ def register(params: Params) -> dict:
     candidate, scores = best_candidate(report["candidates"], cfg.metric)
     directory = Path(params.evaluate.out_dir) / GENERATORS / candidate
     _, spec, info = load_generator(directory)  # the weights are the ones described
+    digest = generator_digest(directory)
     sha, value = info["weights_sha256"], float(scores[cfg.metric])
     uri = tracking_uri(params)
     client = open_registry(uri)
     tags = _version_tags(candidate, scores, info, report["protocol"], cfg.metric)
+    tags[DIGEST_TAG] = digest
     description = _description(candidate, scores, cfg.metric, tags[GENERATOR_TAG])
     try:
-        version = _find_version(client, cfg.model_name, sha)
+        version = _find_version(client, cfg.model_name, digest)
         if version is None:
             with mlflow_at(uri):  # log_model and create_model_version resolve through it
                 run_id = scores.get("mlflow_run_id")
-                model = _log_generator(client, params, directory, spec, sha, run_id, candidate)
+                model = _log_generator(client, params, directory, spec, digest, run_id, candidate)
                 version = _new_version(client, cfg.model_name, model, tags, description)
             reused = ""
         else:  # the same weights: its scores follow this evaluation; provenance stays
@@ -103,6 +103,7 @@ def register(params: Params) -> dict:
         "promoted": promoted,
         "generator": tags[GENERATOR_TAG],
         "weights_sha256": sha,
+        "generator_digest": digest,
         "message": reused + reason,
     }
     write_json(cfg.out_file, summary)
@@ -155,28 +156,6 @@ def best_candidate(candidates: dict[str, dict], metric: str) -> tuple[str, dict]
     return name, eligible[name]
 
 
-def open_registry(uri: str, must_exist: bool = False) -> MlflowClient:
-    """A client for the registry at `uri`, once it is known to be a registry that answers;
-    `must_exist`: an sqlite file that is not there is an error, not a new empty registry."""
-    scheme = uri.partition(":")[0].partition("+")[0]
-    if scheme not in (*DATABASE_ENGINES, "http", "https"):
-        raise RegistryError(
-            f"{uri} cannot hold an MLflow Model Registry (it needs a database or a tracking "
-            "server); set tracking.uri to sqlite:///mlflow.db or MLFLOW_TRACKING_URI to a server"
-        )
-    database = uri.removeprefix("sqlite:///")
-    if must_exist and scheme == "sqlite" and not Path(database).is_file():
-        raise RegistryError(
-            f"there is no model registry at {uri} ({database} does not exist); run "
-            "`ganpipe register` first, or point MLFLOW_TRACKING_URI at the registry"
-        )
-    try:
-        check_reachable(uri)
-    except TrackingError as exc:
-        raise RegistryError(f"model registry: {exc}") from None
-    return MlflowClient(uri, registry_uri=uri)
-
-
 def _version_tags(candidate: str, scores: dict, info: dict, protocol: dict, metric: str) -> dict:
     """Everything that identifies the registered generator and how it was scored."""
     metrics = {k: v for k, v in scores.items() if k in RANKING_METRICS and _is_score(v)}
@@ -208,18 +187,22 @@ def _description(candidate: str, scores: dict, metric: str, which: str) -> str:
     return warning + text
 
 
-def _find_version(client: MlflowClient, name: str, sha: str) -> ModelVersion | None:
-    """The version of model `name` that already holds weights `sha`, or None."""
-    found = client.search_model_versions(f"name = '{name}' and tags.`{SHA_TAG}` = '{sha}'")
+def _find_version(client: MlflowClient, name: str, digest: str) -> ModelVersion | None:
+    """The version of model `name` that already holds the generator files of `digest` (one
+    registered before digests, whose artifact ships code, is not reused), or None."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{DIGEST_TAG}` = '{digest}'")
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
 def _signature(spec: GeneratorSpec) -> ModelSignature:
-    """Requests (num_images, seed, optional label rows) -> images (N, C, H, W) in [0, 1]."""
+    """Requests (num_images, seed, optional label rows) -> images (N, C, H, W) in [0, 1].
+
+    The columns are typed `any`: MLflow would cast a declared `long` column (2.5 -> 2,
+    true -> 1, "3" -> 3) before the model sees it; the model checks each value itself."""
     inputs = Schema([
-        ColSpec("long", "num_images"),
-        ColSpec("long", "seed"),
-        ColSpec("long", "label", required=False),
+        ColSpec(AnyType(), "num_images"),
+        ColSpec(AnyType(), "seed"),
+        ColSpec(AnyType(), "label", required=False),
     ])  # fmt: skip
     shape = (-1, spec.channels, spec.resolution, spec.resolution)
     return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.float32), shape)]))
@@ -257,28 +240,28 @@ def _log_generator(
     params: Params,
     directory: Path,
     spec: GeneratorSpec,
-    sha: str,
+    digest: str,
     run_id: str | None,
     candidate: str,
 ) -> ModelInfo:
-    """Log the exported generator as a models-from-code pyfunc (a LoggedModel)."""
-    pinned = {SHA_KEY: sha}  # metadata: for readers of MLmodel; model_config: for load_context
+    """Log the exported generator as a data-only pyfunc (a LoggedModel) whose loader is the
+    installed LOADER_MODULE; the digest goes into the tracking store (the logged model's tag,
+    set before MLflow validates the input example by loading the model) and MLmodel."""
     requirements = [f"{p}=={installed_version(p).split('+')[0]}" for p in REQUIREMENTS]
     with _model_run(client, params, run_id, candidate):
         info = mlflow.pyfunc.log_model(
             name=candidate,
-            python_model=str(MODEL_CODE),
-            artifacts={ARTIFACT: str(directory)},
-            code_paths=[str(GAN_PACKAGE)],
+            loader_module=LOADER_MODULE,
+            data_path=str(directory),
             signature=_signature(spec),
             input_example=pd.DataFrame([{"num_images": 2, "seed": 0}]),
             pip_requirements=requirements,
-            metadata=dict(pinned),
-            model_config=pinned,
+            metadata={DIGEST_KEY: digest},
+            tags={DIGEST_TAG: digest},
         )
     flavor = info.flavors["python_function"]
-    if "model_code_path" not in flavor or "python_model" in flavor:
-        raise RegistryError(f"{info.model_uri} was logged with a pickled python_model; refusing it")
+    if flavor.get("loader_module") != LOADER_MODULE or flavor.get("code"):
+        raise RegistryError(f"{info.model_uri} was logged with code in its artifact; refusing it")
     return info
 
 

@@ -1,11 +1,15 @@
 """Pulling registered generators: load one by model URI, sample images, write a PNG grid.
 
-`sample("models:/ganpipe-generator@champion", 16)` is the one-line Python API. A registered
-version (models:/NAME@ALIAS or models:/NAME/VERSION) is trusted only if its weights hash to
-the version's `ganpipe.weights_sha256` registry tag; any other model URI (runs:/..., a local
-model directory) to the sha256 pinned in its MLmodel metadata. Weights are read with
-`gan.export.load_generator` (safetensors only), so nothing pickled is ever loaded. The same
-model also serves over HTTP with `mlflow models serve` (see pipeline/generator_model.py).
+`sample("models:/ganpipe-generator@champion", 16)` is the one-line Python API. Every load
+checks, before anything is parsed, that the model directory is data only (the MLmodel names
+the installed loader module `pipeline.generator_model`, no file is code) and that its
+weights and spec hash to the digest the tracking store pins: a registered version
+(models:/NAME@ALIAS, models:/NAME/VERSION) by its `ganpipe.generator_digest` tag, a logged
+model (models:/m-...) and any other remote URI by its logged model's tag. A local directory
+is checked against its logged model's tag when the tracking store knows it, else against the
+digest stored alongside in its MLmodel, with a warning (see pipeline/generator_model.py and
+docs/models.md). Weights are read as safetensors only, so nothing pickled is ever loaded.
+`fetch_verified` makes such a checked copy to serve with `mlflow models serve`.
 """
 
 from __future__ import annotations
@@ -18,49 +22,90 @@ import mlflow
 import torch
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from gan.export import ExportError, load_generator
 from gan.models import GeneratorSpec
 from pipeline.config import Params
 from pipeline.errors import RegistryError
 from pipeline.files import atomic_path
-from pipeline.generator_model import ARTIFACT, SHA_KEY, to_images
-from pipeline.registry import SHA_TAG, open_registry
+from pipeline.generator_model import (
+    DIGEST_TAG,
+    check_data_only,
+    load_checked,
+    logged_model_digest,
+    open_registry,
+    to_images,
+    trusted_digest,
+)
 from pipeline.tracking import mlflow_at
 from pipeline.tracking import tracking_uri as params_tracking_uri
 
 REGISTERED = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
+LOGGED = re.compile(r"^models:/(?P<id>m-[0-9a-f]+)$")
+REREGISTER = "re-register it with `ganpipe register`"
 
 
 def load_generator_from_uri(
     model_uri: str, tracking_uri: str | None = None
 ) -> tuple[torch.nn.Module, GeneratorSpec, dict]:
     """The generator (eval mode, CPU), its spec and description, from a model URI; refuses
-    weights whose sha256 is not the one the registry (or the MLmodel file) pins."""
-    uri = tracking_uri or mlflow.get_tracking_uri()
+    a model that is not data only, or whose files do not hash to the pinned digest."""
     with tempfile.TemporaryDirectory(prefix="ganpipe-model-") as tmp:
-        version = None
-        if Path(model_uri).is_dir():
-            local = Path(model_uri)
-        else:
-            client = open_registry(uri, must_exist=True)
-            version = _registered_version(client, model_uri)
-            source = f"models:/{version.name}/{version.version}" if version else model_uri
-            local = _download(source, tmp, uri)
-        directory, pinned = _read_mlmodel(local, model_uri)
-        expected = version.tags.get(SHA_TAG) if version else pinned
-        if not expected:
-            where = f"tag {SHA_TAG}" if version else f"MLmodel metadata {SHA_KEY}"
+        data, digest = _checked(model_uri, tracking_uri, Path(tmp))
+        return load_checked(data, digest, model_uri)
+
+
+def fetch_verified(
+    model_uri: str, destination: str | Path, tracking_uri: str | None = None
+) -> Path:
+    """Download the model at `model_uri` into `destination` (a new or empty directory) and
+    check it as `load_generator_from_uri` does; the directory, ready for `mlflow models serve`."""
+    destination = Path(destination)
+    if destination.exists() and any(destination.iterdir()):
+        raise RegistryError(f"{destination} is not empty; give a new directory to download into")
+    if Path(model_uri).is_dir():
+        raise RegistryError(f"{model_uri} is a local directory already; serve it as it is")
+    destination.mkdir(parents=True, exist_ok=True)
+    data, digest = _checked(model_uri, tracking_uri, destination)
+    load_checked(data, digest, model_uri)  # parses: the spec builds, the weights fit it
+    return destination
+
+
+def _checked(model_uri: str, tracking_uri: str | None, download_to: Path) -> tuple[Path, str]:
+    """The model's data directory (downloaded into `download_to` unless `model_uri` is a local
+    directory), checked to be data only, and the digest its files must hash to."""
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    if Path(model_uri).is_dir():
+        data, model = check_data_only(Path(model_uri), model_uri)
+        return data, trusted_digest(model, model_uri, uri)
+    client = open_registry(uri, must_exist=True)
+    version, logged = _registered_version(client, model_uri), LOGGED.match(model_uri)
+    source, pinned = model_uri, None
+    if version is not None:
+        source = f"models:/{version.name}/{version.version}"
+        pinned = version.tags.get(DIGEST_TAG)
+        if not pinned:
             raise RegistryError(
-                f"{model_uri} has no {where}: it was not registered by `ganpipe register`, so "
-                "its weights cannot be checked; register it with `ganpipe register`"
+                f"{model_uri}: version {version.version} of {version.name!r} has no tag "
+                f"{DIGEST_TAG}: it was registered by an older ganpipe, whose models ship code "
+                f"that ganpipe no longer runs; {REREGISTER}"
             )
-        try:
-            return load_generator(directory, expected)
-        except ExportError as exc:
-            raise RegistryError(f"{model_uri}: {exc}") from None
+    elif logged is not None:
+        pinned = logged_model_digest(client, logged["id"])
+        if not pinned:
+            raise RegistryError(
+                f"{model_uri}: {uri} has no logged model {logged['id']} with a tag {DIGEST_TAG}, "
+                f"so its files cannot be checked; {REREGISTER}"
+            )
+    data, model = check_data_only(_download(source, download_to, uri), model_uri)
+    if pinned is None:  # runs:/..., s3://...: the tracking store must know its logged model
+        pinned = logged_model_digest(client, model.model_id) if model.model_id else None
+        if not pinned:
+            raise RegistryError(
+                f"{model_uri}: {uri} pins no digest for it (logged model {model.model_id}); "
+                "load it as models:/NAME@ALIAS or models:/m-<id> of the registry it came from"
+            )
+    return data, pinned
 
 
 def _registered_version(client: MlflowClient, model_uri: str) -> ModelVersion | None:
@@ -96,28 +141,15 @@ def _registered_version(client: MlflowClient, model_uri: str) -> ModelVersion | 
     return versions[number]
 
 
-def _download(model_uri: str, destination: str, tracking_uri: str) -> Path:
+def _download(model_uri: str, destination: Path, tracking_uri: str) -> Path:
     try:
         with mlflow_at(tracking_uri):
-            path = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=destination)
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=str(destination)
+            )
     except (MlflowException, OSError) as exc:
         raise RegistryError(f"cannot download {model_uri} from {tracking_uri}: {exc}") from None
     return Path(path)
-
-
-def _read_mlmodel(local: Path, model_uri: str) -> tuple[Path, str | None]:
-    """The exported generator's directory inside a downloaded model, and the pinned sha256."""
-    try:
-        model = Model.load(local)
-    except (MlflowException, OSError) as exc:
-        raise RegistryError(f"{model_uri} is not an MLflow model ({exc})") from None
-    artifacts = model.flavors.get("python_function", {}).get("artifacts", {})
-    if ARTIFACT not in artifacts:
-        raise RegistryError(
-            f"{model_uri} has no {ARTIFACT!r} artifact: it is not a generator logged by "
-            "`ganpipe register`"
-        )
-    return local / artifacts[ARTIFACT]["path"], (model.metadata or {}).get(SHA_KEY)
 
 
 def sample(

@@ -1,14 +1,19 @@
-"""Pulling registered generators: by alias and version, checked against the registry's sha256,
-never unpickled; over HTTP with `mlflow models serve`; and through the CLI."""
+"""Pulling registered generators: by alias and version, checked against the digest the
+registry pins, never unpickled, never running code from the artifact; requests checked before
+anything is generated; over HTTP with `mlflow models serve`; and through the CLI."""
 
 import json
+import logging
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -18,16 +23,18 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from gan.export import INFO, WEIGHTS, ExportError, sha256_file
+from gan.export import INFO, WEIGHTS, generator_digest, sha256_file
 from pipeline.cli import main
 from pipeline.cluster import free_port
 from pipeline.errors import RegistryError
-from pipeline.registry import SHA_TAG, register
-from pipeline.serving import load_generator_from_uri, sample, sample_grid
+from pipeline.generator_model import DIGEST_KEY, DIGEST_TAG
+from pipeline.registry import GENERATORS, register
+from pipeline.serving import fetch_verified, load_generator_from_uri, sample, sample_grid
 from pipeline.tracking import mlflow_at
 from tests.pipeline.test_registry import CONDITIONAL_SPEC, evaluation
 
@@ -110,13 +117,13 @@ def test_unknown_models_name_what_exists(registry):
 
 def test_a_registry_tag_that_does_not_match_the_weights_is_refused(registry):
     client = MlflowClient(registry["uri"])
-    real = client.get_model_version(NAME, "1").tags[SHA_TAG]
-    client.set_model_version_tag(NAME, "1", SHA_TAG, "0" * 64)
+    real = client.get_model_version(NAME, "1").tags[DIGEST_TAG]
+    client.set_model_version_tag(NAME, "1", DIGEST_TAG, "0" * 64)
     try:
         with pytest.raises(RegistryError, match="refusing to load them"):
             sample(CHAMPION, 2, tracking_uri=registry["uri"])
     finally:
-        client.set_model_version_tag(NAME, "1", SHA_TAG, real)
+        client.set_model_version_tag(NAME, "1", DIGEST_TAG, real)
 
 
 def test_changed_weights_in_a_model_directory_are_refused(registry, tmp_path):
@@ -150,24 +157,187 @@ def test_a_pickle_in_place_of_the_weights_is_never_unpickled(registry, tmp_path,
 
     with pytest.raises(RegistryError, match="replaced or damaged"):
         load_generator_from_uri(str(model_dir))
-    with pytest.raises(ExportError, match="replaced or damaged"):
+    with pytest.raises(RegistryError, match="replaced or damaged"):
         mlflow.pyfunc.load_model(str(model_dir))
 
-    # Forge every pinned hash too: the file is still only ever read as safetensors.
-    forged = sha256_file(weights)
+    # Forge every hash stored alongside too (no registry to ask here): the file is still only
+    # ever read as safetensors.
     info_file = weights.with_name(INFO)
     info_file.write_text(
-        json.dumps({**json.loads(info_file.read_text()), "weights_sha256": forged})
+        json.dumps({**json.loads(info_file.read_text()), "weights_sha256": sha256_file(weights)})
     )
-    mlmodel = Model.load(model_dir)
-    mlmodel.metadata["weights_sha256"] = forged
-    mlmodel.flavors["python_function"]["config"]["weights_sha256"] = forged
-    mlmodel.save(model_dir / "MLmodel")
+    forge_mlmodel_digest(model_dir)
     with pytest.raises(RegistryError, match="not a safetensors file"):
         load_generator_from_uri(str(model_dir))
-    with pytest.raises(ExportError, match="not a safetensors file"):
+    with pytest.raises(RegistryError, match="not a safetensors file"):
         mlflow.pyfunc.load_model(str(model_dir))
     assert not marker.exists()
+
+
+def forge_mlmodel_digest(model_dir: Path) -> None:
+    """What an attacker who can write the model's files does: make the digest stored in the
+    MLmodel file match the files as they are now."""
+    mlmodel = Model.load(model_dir)
+    mlmodel.metadata[DIGEST_KEY] = generator_digest(next(model_dir.rglob(WEIGHTS)).parent)
+    mlmodel.save(model_dir / "MLmodel")
+
+
+@pytest.fixture
+def victim(tmp_path):
+    """A registry of its own (to tamper with its artifact store): the registered champion, the
+    directory that holds its files in the artifact store, and another exported generator."""
+    db = tmp_path / "mlflow.db"
+    params = evaluation(tmp_path / "v", {"plain": {"fid_domain": 10.0}}, db)
+    register(params)
+    uri, other = f"sqlite:///{db}", tmp_path / "o"
+    evaluation(other, {"other": {"fid_domain": 10.0}}, tmp_path / "unused.db")
+    client = MlflowClient(uri)
+    model_id = client.get_model_version(NAME, "1").source.removeprefix("models:/")
+    location = client.get_logged_model(model_id).artifact_location
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    return {
+        "uri": uri, "model_id": model_id, "store": Path(urllib.parse.urlparse(location).path),
+        "other": other / "evaluate" / GENERATORS / "other", "params_file": params_file,
+    }  # fmt: skip
+
+
+def tamper(case: str, store: Path, other: Path, marker: Path) -> None:
+    """Change the model in the artifact store as the probe of issue 13 did."""
+    data = next(store.rglob(WEIGHTS)).parent
+    info = json.loads((data / INFO).read_text())
+    if case == "code":  # a module beside the data, that would write `marker` if it ran
+        (store / "generator_model.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    elif case == "swap":  # another generator's weights, spec and a matching MLmodel digest
+        for name in (WEIGHTS, INFO):
+            shutil.copy(other / name, data / name)
+        forge_mlmodel_digest(store)
+    elif case == "extra_key":
+        info["spec"]["dropout"] = 0.5
+    elif case == "width":
+        info["spec"]["width"] = 16
+    if case in ("extra_key", "width"):
+        (data / INFO).write_text(json.dumps(info))
+
+
+REFUSAL = {
+    "code": "holds generator_model.py, which ganpipe never loads",
+    "swap": "the weights or the spec were replaced or damaged; refusing to load them",
+    "extra_key": "the weights or the spec were replaced or damaged; refusing to load them",
+    "width": "the weights or the spec were replaced or damaged; refusing to load them",
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSAL))
+def test_a_tampered_model_is_refused_on_every_load_path(victim, case, tmp_path, capsys):
+    marker = tmp_path / "code-ran"
+    uri, logged = victim["uri"], f"models:/{victim['model_id']}"
+    with mlflow_at(uri):
+        mlflow.pyfunc.load_model(CHAMPION)  # the untouched model loads
+    tamper(case, victim["store"], victim["other"], marker)
+    with mlflow_at(uri):
+        local = Path(mlflow.artifacts.download_artifacts(logged, dst_path=str(tmp_path / "l")))
+    for model_uri in (CHAMPION, logged, str(local)):
+        with mlflow_at(uri), pytest.raises(RegistryError, match=REFUSAL[case]):
+            mlflow.pyfunc.load_model(model_uri)  # what `mlflow models serve` runs
+        with pytest.raises(RegistryError, match=REFUSAL[case]):
+            load_generator_from_uri(model_uri, uri)
+    with pytest.raises(RegistryError, match=REFUSAL[case]):
+        fetch_verified(CHAMPION, tmp_path / "served", uri)
+    args = ["sample", "--params", str(victim["params_file"]), "--out", str(tmp_path / "s.png")]
+    assert main(args) == 1
+    assert REFUSAL[case] in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "s.png").exists()
+
+
+def test_a_model_with_code_in_its_mlmodel_is_refused(victim, tmp_path):
+    """An MLmodel naming another loader, or code to put on the path (what older ganpipe
+    versions logged), is never acted on by ganpipe itself."""
+    local = fetch_verified(CHAMPION, tmp_path / "m", victim["uri"])
+    mlmodel = Model.load(local)
+    mlmodel.flavors["python_function"]["code"] = "code"
+    mlmodel.save(local / "MLmodel")
+    with pytest.raises(RegistryError, match=r"not a data-only ganpipe model .* and code"):
+        load_generator_from_uri(str(local), victim["uri"])
+
+
+def test_a_local_directory_without_its_registry_is_checked_against_its_own_digest(
+    victim, tmp_path, caplog
+):
+    local = fetch_verified(CHAMPION, tmp_path / "m", victim["uri"])
+    alone = f"sqlite:///{tmp_path / 'none.db'}"  # no tracking store knows the model
+    with caplog.at_level(logging.WARNING):
+        load_generator_from_uri(str(local), alone)
+    assert "checked only against the digest in its own MLmodel file" in caplog.text
+    assert not (tmp_path / "none.db").exists()  # asking did not create an empty store
+    tamper("width", local, victim["other"], tmp_path / "marker")
+    with pytest.raises(RegistryError, match="replaced or damaged"):
+        load_generator_from_uri(str(local), alone)
+    with mlflow_at(alone), pytest.raises(RegistryError, match="replaced or damaged"):
+        mlflow.pyfunc.load_model(str(local))
+    # A consistent forgery passes here, with the warning: only a registry can tell.
+    tamper("swap", local, victim["other"], tmp_path / "marker")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_generator_from_uri(str(local), alone)
+    assert "nothing ties these files to a registered version" in caplog.text
+    with pytest.raises(RegistryError, match="replaced or damaged"):
+        load_generator_from_uri(str(local), victim["uri"])  # the registry knows it
+
+
+def test_a_version_registered_before_digests_is_refused(victim):
+    client = MlflowClient(victim["uri"])
+    client.delete_model_version_tag(NAME, "1", DIGEST_TAG)
+    with pytest.raises(RegistryError, match="registered by an older ganpipe, whose models ship"):
+        load_generator_from_uri(CHAMPION, victim["uri"])
+
+
+@pytest.fixture(scope="module")
+def champion(registry):
+    with mlflow_at(registry["uri"]):
+        return mlflow.pyfunc.load_model(CHAMPION)
+
+
+BAD_REQUESTS = [
+    ([1024] * 50 + [-50176], "record 50: num_images must be between 1 and 1024, got -50176"),
+    ([2.5], r"record 0: num_images must be an integer, got 2.5 \(float\)"),
+    ([True], r"record 0: num_images must be an integer, got True \(bool\)"),
+    ([1, True], r"record 1: num_images must be an integer, got True \(bool\)"),
+    (["3"], r"record 0: num_images must be an integer, got '3' \(str\)"),
+    ([0], "record 0: num_images must be between 1 and 1024, got 0"),
+    ([1024, 1], "the request asks for 1025 images in 2 records; between 1 and 1024"),
+    ([1] * 1025, "the request asks for 1025 images in 1025 records"),
+]
+
+
+@pytest.mark.parametrize(("counts", "message"), BAD_REQUESTS)
+def test_requests_are_checked_before_any_image_is_generated(champion, counts, message):
+    calls = []
+    hook = champion._model_impl.generator.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(MlflowException, match=message):
+            champion.predict(pd.DataFrame({"num_images": counts, "seed": 0}))
+    finally:
+        hook.remove()
+    assert calls == []  # nothing was generated
+
+
+def test_seeds_labels_and_columns_are_checked(champion, registry):
+    def refused(rows: list[dict], message: str) -> None:
+        with pytest.raises(MlflowException, match=message):
+            champion.predict(pd.DataFrame(rows))
+
+    refused([{"num_images": 1, "seed": 0.5}], r"record 0: seed must be an integer, got 0.5")
+    refused([{"num_images": 1, "seed": 0, "label": 3}], "record 0: label 3 given, but this ")
+    refused([{"seed": 0}], "num_images")  # MLflow's schema check (it drops unknown columns)
+    with mlflow_at(registry["uri"]):
+        conditional = mlflow.pyfunc.load_model(f"models:/{CONDITIONAL}@champion")
+    with pytest.raises(MlflowException, match="record 1: label 10 is outside the model's"):
+        conditional.predict(pd.DataFrame({"num_images": [1, 1], "seed": 0, "label": [1, 10]}))
+    with pytest.raises(MlflowException, match="record 0: label is missing: give it in every"):
+        conditional.predict(
+            pd.DataFrame([{"num_images": 1, "seed": 0}, {"num_images": 1, "seed": 0, "label": 2}])
+        )
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -213,6 +383,11 @@ def test_mlflow_models_serve_answers_requests(registry, tmp_path):
             f"{base}/invocations", {"dataframe_records": [{"num_images": 5000, "seed": 0}]}
         )
         assert status == 400 and "between 1 and 1024" in body["message"]
+        # MLflow casts nothing: the model sees 2.5, true and the negative record as sent.
+        for counts, message in BAD_REQUESTS[:3]:
+            records = [{"num_images": n, "seed": 0} for n in counts]
+            status, body = _post(f"{base}/invocations", {"dataframe_records": records})
+            assert status == 400 and re.search(message, body["message"]), body
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn workers
         try:
