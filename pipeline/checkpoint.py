@@ -4,8 +4,11 @@ A checkpoint is a directory with
     weights.safetensors   generator, EMA generator, discriminator, both optimisers' tensors,
                           the torch (and CUDA) RNG states
     state.json            step, data position, optimiser hyperparameters, numpy and Python RNG
-                          states, the params and the dataset version it was trained with
-Non-finite weights are never written: saving them raises CheckpointError.
+                          states, the params and the dataset version it was trained with, the
+                          MLflow run it belongs to, and the sha256 of weights.safetensors
+Non-finite weights are never written: saving them raises CheckpointError. A damaged file (cut
+short by a full disk or a killed copy, or changed) is named in the error; `newest_intact` picks
+the newest checkpoint of a run that is whole, so a run resumes from the one before a damaged one.
 """
 
 from __future__ import annotations
@@ -14,15 +17,18 @@ import json
 import random
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gan.ema import unwrap
+from pipeline.shards import sha256_file
 
 FORMAT = "ganpipe.checkpoint.v1"
 WEIGHTS, STATE = "weights.safetensors", "state.json"
@@ -43,6 +49,7 @@ class TrainingState:
     batch: int  # data position: index of the next batch within that epoch
     params: dict  # the validated params the run was started with
     dataset_hash: str
+    mlflow_run_id: str | None = None  # the MLflow run that trained it (None: untracked, or older)
 
 
 def _optimizer_parts(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -132,6 +139,7 @@ def save_checkpoint(
     try:
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(cpu, tmp / WEIGHTS, metadata={"format": FORMAT})
+        meta["weights_sha256"] = sha256_file(tmp / WEIGHTS)
         (tmp / STATE).write_text(json.dumps(meta, indent=1))
         old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
         if directory.exists():
@@ -144,9 +152,7 @@ def save_checkpoint(
     return directory
 
 
-def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors and JSON of a checkpoint directory; anything else is refused."""
-    directory = Path(directory)
+def _check_files(directory: Path) -> None:
     weights, state = directory / WEIGHTS, directory / STATE
     if not (weights.is_file() and state.is_file()):
         found = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
@@ -154,14 +160,77 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
             f"{directory} is not a ganpipe checkpoint (expected {WEIGHTS} and {STATE}, found "
             f"{found or 'nothing'}); pickled checkpoints (.pt, .pth, .pkl) are never loaded"
         )
+
+
+def read_state(directory: Path) -> dict:
+    """The JSON of a checkpoint, its weights file checked against it (sha256, or where an older
+    checkpoint has none, the safetensors header against the file's size) without loading the
+    tensors; a damaged or foreign file is a CheckpointError that names it."""
+    directory = Path(directory)
+    _check_files(directory)
+    weights, state = directory / WEIGHTS, directory / STATE
     try:
-        meta = json.loads(state.read_text())
-        tensors = load_file(weights)
-    except Exception as exc:  # JSON, I/O or safetensors header errors
-        raise CheckpointError(f"{directory} is damaged: {exc}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{state}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        meta = json.loads(state.read_bytes())
+    except (ValueError, OSError) as exc:  # UnicodeDecodeError and JSONDecodeError included
+        raise CheckpointError(f"{state} is damaged (not valid JSON: {exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{state}: format {found!r}, expected {FORMAT!r}")
+    expected = meta.get("weights_sha256")
+    if expected is not None and sha256_file(weights) != expected:
+        raise CheckpointError(
+            f"{weights} is damaged (its sha256 differs from the one {STATE} recorded when it "
+            "was written: the file was cut short or changed)"
+        )
+    try:
+        with safe_open(weights, "pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{weights} is damaged ({exc})") from None
+    return meta
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and JSON of a checkpoint directory; anything else is refused."""
+    directory = Path(directory)
+    meta = read_state(directory)
+    try:
+        tensors = load_file(directory / WEIGHTS)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{directory / WEIGHTS} is damaged ({exc})") from None
     return tensors, meta
+
+
+@dataclass
+class Resumable:
+    """The checkpoint a run resumes from, and the newer ones that were damaged."""
+
+    path: Path
+    state: dict  # its state.json
+    damaged: list[str] = field(default_factory=list)  # the errors of newer, damaged ones
+
+
+def newest_intact(directories: Iterable[Path]) -> Resumable | None:
+    """The first whole checkpoint of `directories` (newest first), None if there are none; a
+    CheckpointError listing every file at fault when all of them are damaged."""
+    damaged = []
+    for directory in directories:
+        try:
+            return Resumable(Path(directory), read_state(directory), damaged)
+        except CheckpointError as exc:
+            damaged.append(str(exc))
+    if damaged:
+        raise CheckpointError(all_damaged_message(damaged))
+    return None
+
+
+def all_damaged_message(damaged: list[str]) -> str:
+    """What to say when no checkpoint of a run can be resumed."""
+    return (
+        "no checkpoint of this run can be resumed: " + "; ".join(damaged) + ". Restore the "
+        "files from a copy, or delete the run's directory under ray.storage_path to train it "
+        "again from step 0 (as a new MLflow run; the old run stays as it was)"
+    )
 
 
 def load_checkpoint(
@@ -180,5 +249,14 @@ def load_checkpoint(
         _restore_optimizer(name, optimizers[name], tensors, meta["optimizers"][name])
     if restore_rng:
         _restore_rng(tensors, meta["rng"])
+    return training_state(meta)
+
+
+def training_state(meta: dict) -> TrainingState:
+    """The TrainingState of a checkpoint's JSON (written by this or an older version)."""
+    optional = {"mlflow_run_id": None}
     fields = TrainingState.__dataclass_fields__
-    return TrainingState(**{k: meta[k] for k in fields})
+    missing = [k for k in fields if k not in meta and k not in optional]
+    if missing:
+        raise CheckpointError(f"{STATE} lacks {', '.join(missing)}: not written by ganpipe")
+    return TrainingState(**{k: meta.get(k, optional.get(k)) for k in fields})

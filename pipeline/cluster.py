@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,26 +60,105 @@ def connect(params: Params) -> None:
 
 
 def start_local_ray(**options) -> None:
-    """Start a local Ray (`options` go to ray.init) whose workers know its dashboard. Ray
-    Train's placement-group cleaner asks the state API about its controller from a worker;
-    without an address it looks for "the" Ray instance on the machine, and with two running
-    (two pipelines, a benchmark next to the tests) it gives up, so a trial that Tune stops
-    keeps its CPUs and the sweep hangs (seen with Ray 2.60). The raylet, and every worker it
-    starts, inherits the address. address="local": without it ray.init joins whatever cluster
-    /tmp/ray/ray_current_cluster names (another user's `ray start`, a test's cluster) and
-    dies with it."""
+    """Start a local Ray (`options` go to ray.init) that listens on loopback only, whose
+    workers know its dashboard, and whose processes all end when this process does.
+
+    Loopback: Ray binds its servers (GCS, raylet, workers, and the dashboard and runtime-env
+    agents, which run code for whoever reaches them) to its node address, which on Linux is
+    the host's network address even for a local Ray. Ray uses 127.0.0.1 where it supports no
+    clusters (its ENABLE_RAY_CLUSTER switch, macOS and Windows); a local Ray is such a case,
+    so the switch is off while it starts.
+
+    Dashboard: Ray Train's placement-group cleaner asks the state API about its controller from
+    a worker; without an address it looks for "the" Ray instance on the machine, and with two
+    running (two pipelines, a benchmark next to the tests) it gives up, so a trial that Tune
+    stops keeps its CPUs and the sweep hangs (seen with Ray 2.60). The raylet, and every worker
+    it starts, inherits the address. address="local": without it ray.init joins whatever
+    cluster /tmp/ray/ray_current_cluster names (another user's `ray start`, a test's cluster)
+    and dies with it.
+
+    Nothing left behind: when this process is killed (SIGKILL), Ray's raylet dies with it but
+    its workers trained on for about 10 s and its agents stayed up for a minute, ignoring
+    SIGTERM (seen with Ray 2.60). A small watcher (`_start_reaper`) kills what is left of
+    this process's descendants, and of the processes marked with OWNER_ENV, once it is gone."""
     import ray
+    import ray._private.ray_constants as ray_constants
 
     port = free_port()
-    previous = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    owner = f"{os.getpid()}-{secrets.token_hex(8)}"
+    inherited = {API_SERVER_ENV: f"http://127.0.0.1:{port}", OWNER_ENV: owner}
+    previous = {key: os.environ.get(key) for key in inherited}
+    cluster_switch = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(inherited)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # node address 127.0.0.1 (read in ray.init)
     try:
+        options = {"dashboard_host": LOOPBACK, **options}
         ray.init(address="local", dashboard_port=port, **options)
-    finally:  # this process's later Ray instances (tests) must not inherit it
-        if previous is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = previous
+    finally:  # this process's later Ray instances (tests) must not inherit them
+        ray_constants.ENABLE_RAY_CLUSTER = cluster_switch
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    _start_reaper(owner)
+
+
+LOOPBACK = "127.0.0.1"
+OWNER_ENV = "GANPIPE_RAY_OWNER"  # set in every process of a local Ray this pipeline started
+
+# Watches the pipeline process (argv[4]): remembers its descendants every second until its
+# stdin closes (the pipeline ended, however), then kills those left, their children and every
+# process with the owner mark (workers started in the last second, their raylet gone). Ray's
+# agents rename themselves over their environment, so the mark alone would miss them. SIGKILL:
+# they ignore SIGTERM once their raylet is gone.
+_REAPER = """
+import os, select, sys, psutil
+tag, key, mark, driver = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+seen = {}
+def ours(p):
+    try:
+        return p.pid != os.getpid() and tag not in p.cmdline()
+    except psutil.Error:
+        return False
+def marked(p):
+    try:
+        return p.environ().get(key) == mark
+    except (psutil.Error, OSError):
+        return False
+while not select.select([sys.stdin], [], [], 1.0)[0]:
+    try:
+        seen.update((c.pid, c) for c in psutil.Process(driver).children(recursive=True))
+    except psutil.Error:
+        break
+left = {p.pid: p for p in seen.values() if p.is_running() and ours(p)}
+for p in list(left.values()):
+    try:
+        left.update((c.pid, c) for c in p.children(recursive=True) if ours(c))
+    except psutil.Error:
+        pass
+left.update((p.pid, p) for p in psutil.process_iter() if marked(p) and ours(p))
+for p in left.values():
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+psutil.wait_procs(list(left.values()), timeout=10)
+"""
+_REAPER_TAG = "ganpipe-ray-reaper"
+_reapers: list = []  # their stdin pipes stay open exactly as long as this process lives
+
+
+def _start_reaper(owner: str) -> None:
+    import subprocess
+    import sys
+
+    reaper = subprocess.Popen(
+        [sys.executable, "-c", _REAPER, _REAPER_TAG, OWNER_ENV, owner, str(os.getpid())],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )  # fmt: skip
+    _reapers.append(reaper)
 
 
 def free_port() -> int:

@@ -224,11 +224,14 @@ def run_trial(config: dict, context: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from pipeline.tracking import RUN_NAME_TAG, experiment_id, reopen_run, unfinished_run
     from pipeline.train import (
+        DIVERGED_REASON_TAG,
+        DIVERGED_TAG,
         TuneSession,
         _fit,
         _for_workers,
-        _mlflow_run,
+        open_mlflow_run,
         run_identity,
         run_name,
         train_loop,
@@ -243,7 +246,13 @@ def run_trial(config: dict, context: dict) -> None:
         SWEEP_TAG: context["sweep_name"],
         "ganpipe.trial_id": trial_id,
     }
-    run_id = _mlflow_run(client, params, name, dataset, tags)
+    experiment = experiment_id(client, params.tracking.experiment)
+    previous = unfinished_run(client, experiment, f"tags.`{RUN_NAME_TAG}` = '{name}'")
+    if previous is not None:  # Tune restored this trial: it continues its run
+        run_id = previous.info.run_id
+        reopen_run(client, run_id, clear_tags=(DIVERGED_TAG, DIVERGED_REASON_TAG))
+    else:
+        run_id = open_mlflow_run(client, params, name, dataset, tags)
     worker_config = {
         "params": _for_workers(params),
         "identity": run_identity(params, dataset),
@@ -265,7 +274,13 @@ def sweep(params: Params) -> dict:
 
     from pipeline.data import check_labels_for_model
     from pipeline.shards import verify_prepared
-    from pipeline.tracking import check_reachable, experiment_id, git_commit, tracking_uri
+    from pipeline.tracking import (
+        check_reachable,
+        close_abandoned_runs,
+        experiment_id,
+        git_commit,
+        tracking_uri,
+    )
     from pipeline.train import graceful_signals
 
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
@@ -281,7 +296,10 @@ def sweep(params: Params) -> dict:
     connect(params)
     _check_stoppable(params)
     experiment = experiment_id(client, params.tracking.experiment)
-    parent = _parent_run(client, params, name, dataset, experiment, git_commit)
+    close_abandoned_runs(client, experiment)
+    path = join(storage, name)
+    restoring = tune.Tuner.can_restore(path)
+    parent = _parent_run(client, params, name, dataset, experiment, git_commit, restoring)
 
     context = {
         "base": params.model_dump(mode="json"),
@@ -301,9 +319,8 @@ def sweep(params: Params) -> dict:
     s = params.sweep
     reasons_file = join(storage, f"{name}-{STOP_REASONS}")
     stopper = InstabilityStopper(reasons_file, s.patience, s.collapse_margin, s.min_class_coverage)
-    path = join(storage, name)
     try:
-        if tune.Tuner.can_restore(path):
+        if restoring:
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         else:
             tuner = tune.Tuner(
@@ -375,13 +392,20 @@ def _fill_real_cache(trial_eval: dict) -> None:
     evaluator.scorer.score(some, evaluator.real, "train", ("fid",))
 
 
-def _parent_run(client, params, name, dataset, experiment, git_commit) -> str:
-    """The sweep's MLflow parent run: the earlier one when resuming."""
-    found = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{name}'", max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    tags = {PARENT_TAG: name, "ganpipe.dataset_hash": dataset, "ganpipe.git_commit": git_commit()}
+def _parent_run(client, params, name, dataset, experiment, git_commit, restoring: bool) -> str:
+    """The sweep's MLflow parent run: the earlier one when Tune restores the sweep and that run
+    is unfinished; a FINISHED one is never reopened (a sweep whose storage was deleted runs
+    again as a new run)."""
+    from pipeline.tracking import DRIVER_TAG, driver_id, reopen_run, unfinished_run
+
+    found = unfinished_run(client, experiment, f"tags.`{PARENT_TAG}` = '{name}'")
+    if restoring and found is not None:
+        reopen_run(client, found.info.run_id)
+        return found.info.run_id
+    tags = {
+        PARENT_TAG: name, "ganpipe.dataset_hash": dataset, "ganpipe.git_commit": git_commit(),
+        DRIVER_TAG: driver_id(),
+    }  # fmt: skip
     run = client.create_run(experiment, run_name=name, tags=tags)
     client.log_param(run.info.run_id, "sweep", json.dumps(params.sweep.model_dump(mode="json")))
     return run.info.run_id
@@ -439,7 +463,7 @@ def _summarize(
     )  # fmt: skip
     for trial in trials:
         run_id = child_run(trial.get("run_name"))
-        if run_id:
+        if run_id and client.get_run(run_id).info.status != "FINISHED":  # never reopened
             client.set_tag(run_id, STOP_TAG, trial["stop_reason"])
             failed = trial["stop_reason"] == "diverged"
             client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

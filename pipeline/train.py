@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -36,7 +37,14 @@ from gan.models import build_discriminator
 from gan.sampling import LatentSampler, fixed_latents, step_generator
 from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
 from pipeline.candidates import RESULT, generator_spec
-from pipeline.checkpoint import STATE, TrainingState, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import (
+    CheckpointError,
+    TrainingState,
+    all_damaged_message,
+    load_checkpoint,
+    newest_intact,
+    save_checkpoint,
+)
 from pipeline.cluster import connect, is_remote, storage_root, use_gpu
 from pipeline.config import Params, flatten
 from pipeline.data import PreparedSplit, RankLoader, check_labels_for_model
@@ -220,14 +228,12 @@ def train_loop(config: dict, session) -> None:
     start, history = 0, []
     checkpoint = session.checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            saved = load_checkpoint(Path(directory), modules, optimizers)
-            if config.get("pbt"):
-                _apply_hyperparameters(state, t)
-            else:
-                check_same_run(saved.params, identity)
-            start = saved.step
-            history = _read_history(Path(directory) / HISTORY)
+        saved, history = restore(checkpoint, modules, optimizers, rank)
+        if config.get("pbt"):
+            _apply_hyperparameters(state, t)
+        else:
+            check_same_run(saved.params, identity)
+        start = saved.step
     consumed = start * t.n_critic
     batches = loader.forever(consumed // len(loader), consumed % len(loader))
     cfg, sampler = step_config(params, device), LatentSampler(params.model.z_dim, num_classes)
@@ -283,6 +289,7 @@ def train_loop(config: dict, session) -> None:
                         consumed % len(loader),
                         identity,
                         data.dataset_hash,
+                        config.get("mlflow_run_id"),
                     )
                     to_save = checkpoint_scratch()
                     save_checkpoint(to_save, modules, optimizers, position)
@@ -296,6 +303,46 @@ def train_loop(config: dict, session) -> None:
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+def restore(checkpoint, modules: dict, optimizers: dict, rank: int):
+    """Load Ray's checkpoint of this run, or where it is damaged (cut short by a full disk, a
+    killed copy) the newest intact one Ray keeps before it; (TrainingState, history rows)."""
+    damaged = []
+    for candidate in [checkpoint, *_earlier_checkpoints(checkpoint)]:
+        with candidate.as_directory() as directory:
+            try:
+                saved = load_checkpoint(Path(directory), modules, optimizers)
+            except CheckpointError as exc:
+                damaged.append(str(exc))
+                continue
+            history = _read_history(Path(directory) / HISTORY)
+        if damaged and rank == 0:
+            print(
+                f"train: skipped damaged checkpoints ({'; '.join(damaged)}); resumed from "
+                f"{candidate.path} (step {saved.step})", file=sys.stderr, flush=True,
+            )  # fmt: skip
+        return saved, history
+    raise CheckpointError(all_damaged_message(damaged))
+
+
+def _earlier_checkpoints(checkpoint) -> list:
+    """The other checkpoints of the run in `checkpoint`'s storage, newest first (Ray names
+    them checkpoint_<time>)."""
+    from pyarrow import fs
+    from ray.train import Checkpoint
+
+    parent, _, own = checkpoint.path.rstrip("/").rpartition("/")
+    try:
+        infos = checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
+    except OSError:
+        return []
+    names = sorted(
+        (i.base_name for i in infos if i.type == fs.FileType.Directory
+         and i.base_name.startswith("checkpoint_") and i.base_name < own),
+        reverse=True,
+    )  # fmt: skip
+    return [Checkpoint(f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in names]
 
 
 SCRATCH_PREFIX = "ganpipe-ckpt-"
@@ -462,45 +509,86 @@ def _for_workers(params: Params) -> dict:
     return tree
 
 
-def _check_existing_run(storage: str, name: str, identity: dict) -> None:
-    """Before starting Ray: a local run of this name must have been trained like this one."""
+def resumable_checkpoint(storage: str, name: str, identity: dict, steps: int):
+    """Before starting Ray: the checkpoint a local run of this name resumes from (the newest
+    intact one: a damaged newer one is named and skipped, as the workers skip it), which must
+    have been trained like this one and not past `steps`; None when there is none (or the
+    storage is remote: the workers check what they restore)."""
     if is_remote(storage):
-        return  # remote storage: the workers check the checkpoint they restore
-    states = sorted(Path(storage, name).glob(f"checkpoint_*/{STATE}"))
-    if states:
-        check_same_run(json.loads(states[-1].read_text())["params"], identity)
+        return None
+    run_dir = Path(storage, name)
+    found = newest_intact(
+        sorted((d for d in run_dir.glob("checkpoint_*") if d.is_dir()), reverse=True)
+    )
+    if found is None:
+        return None
+    for problem in found.damaged:
+        print(f"train: skipping a damaged checkpoint: {problem}", file=sys.stderr, flush=True)
+    if found.damaged:
+        print(f"train: resuming from {found.path} (step {found.state['step']})", file=sys.stderr)
+    check_same_run(found.state["params"], identity)
+    if found.state["step"] > steps:
+        raise ResumeMismatchError(
+            f"train.steps is {steps}, but this run's checkpoint {found.path} is at step "
+            f"{found.state['step']}: a run cannot be trained back. Set train.steps to "
+            f"{found.state['step']} or more to use (or continue) it, or delete {run_dir} to "
+            f"train a new {steps}-step run from step 0"
+        )
+    return found
 
 
-def _mlflow_run(
+def open_mlflow_run(
     client, params: Params, name: str, dataset_hash: str, extra_tags: dict | None = None
 ) -> str:
-    """The MLflow run of this training run: the earlier one when resuming, else a new one
-    (with `extra_tags`, e.g. the parent run of a sweep)."""
-    from pipeline.tracking import experiment_id, git_commit
+    """A new MLflow run for training run `name`, with its params and identifying tags
+    (`extra_tags`: e.g. the parent run of a sweep, or the run it continues)."""
+    from mlflow.entities import Param
 
-    experiment = experiment_id(client, params.tracking.experiment)
-    found = client.search_runs([experiment], f"tags.`ganpipe.run_name` = '{name}'", max_results=1)
-    if found:  # resuming: this attempt's outcome replaces an earlier attempt's
-        run_id = found[0].info.run_id
-        for tag in (DIVERGED_TAG, DIVERGED_REASON_TAG):
-            if tag in found[0].data.tags:
-                client.delete_tag(run_id, tag)
-        client.update_run(run_id, status="RUNNING")
-        return run_id
+    from pipeline.tracking import DRIVER_TAG, RUN_NAME_TAG, driver_id, experiment_id, git_commit
+
     tags = {
-        "ganpipe.run_name": name,
+        RUN_NAME_TAG: name,
         "ganpipe.recipe": recipe_for(params.prepare.resolution).name,
         "ganpipe.dataset_hash": dataset_hash,
         "ganpipe.git_commit": git_commit(),
+        DRIVER_TAG: driver_id(),
         **(extra_tags or {}),
     }
+    experiment = experiment_id(client, params.tracking.experiment)
     run = client.create_run(experiment, run_name=name, tags=tags)
-    from mlflow.entities import Param
-
     flat = {k: str(v) for k, v in flatten(params.model_dump(mode="json")).items()}
     flat["train.global_batch_size"] = str(params.global_batch_size)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in sorted(flat.items())])
     return run.info.run_id
+
+
+def _choose_mlflow_run(client, params: Params, name: str, found) -> tuple[str | None, str | None]:
+    """The MLflow run this attempt continues (None: a new one), and the FINISHED run whose
+    checkpoint it resumes, if that is what it does.
+
+    The run that wrote the checkpoint being resumed is continued while it is unfinished. A
+    FINISHED one is never reopened: its checkpoint trained on makes a new run that names it;
+    without a checkpoint (runs/ deleted) training starts over as a new run."""
+    from pipeline.tracking import RUN_NAME_TAG, experiment_id, unfinished_run
+
+    experiment = experiment_id(client, params.tracking.experiment)
+    by_name = f"tags.`{RUN_NAME_TAG}` = '{name}'"
+    if found is None:
+        if is_remote(storage_root(params)):  # the driver does not read remote checkpoints
+            run = unfinished_run(client, experiment, by_name)
+            return (run.info.run_id if run else None), None
+        return None, None
+    run = None
+    if found.state.get("mlflow_run_id"):
+        with contextlib.suppress(Exception):  # deleted from the store: a new run
+            run = client.get_run(found.state["mlflow_run_id"])
+    elif "mlflow_run_id" not in found.state:  # written before checkpoints named their run
+        run = unfinished_run(client, experiment, by_name)
+    if run is None:
+        return None, None
+    if run.info.status == "FINISHED":
+        return None, run.info.run_id
+    return run.info.run_id, None
 
 
 def train(params: Params, faults: dict | None = None) -> dict:
@@ -515,19 +603,35 @@ def train(params: Params, faults: dict | None = None) -> dict:
 
         return sweep(params)
 
-    from pipeline.tracking import check_reachable, tracking_uri
+    from pipeline.tracking import (
+        RESUMED_FROM_TAG,
+        check_reachable,
+        close_abandoned_runs,
+        experiment_id,
+        reopen_run,
+        tracking_uri,
+    )
 
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
     check_labels_for_model(manifest, params.model.conditional)
     identity = run_identity(params, manifest["dataset_hash"])
     name = run_name(params, manifest["dataset_hash"])
     storage = storage_root(params)
-    _check_existing_run(storage, name, identity)
+    found = resumable_checkpoint(storage, name, identity, params.train.steps)
     uri = tracking_uri(params)
     check_reachable(uri)
-    connect(params)  # before the MLflow run: a cluster that cannot be joined leaves no trace
     client = MlflowClient(uri)
-    run_id = _mlflow_run(client, params, name, manifest["dataset_hash"])
+    run_id, finished = _choose_mlflow_run(client, params, name, found)
+    if finished and found.state["step"] == params.train.steps:  # nothing left to train
+        return _outputs_of_finished_run(params, name, found, finished, manifest)
+    connect(params)  # before the MLflow run: a cluster that cannot be joined leaves no trace
+    close_abandoned_runs(client, experiment_id(client, params.tracking.experiment))
+    if run_id is None:
+        resumed = {RESUMED_FROM_TAG: finished, "ganpipe.resumed_from_step": str(
+            found.state["step"])} if finished else {}  # fmt: skip
+        run_id = open_mlflow_run(client, params, name, manifest["dataset_hash"], resumed)
+    else:
+        reopen_run(client, run_id, clear_tags=(DIVERGED_TAG, DIVERGED_REASON_TAG))
 
     try:
         with graceful_signals():
@@ -542,33 +646,14 @@ def train(params: Params, faults: dict | None = None) -> dict:
         reached = int(result.metrics.get("step", 0)) if result.metrics else 0
         if diverged_at is None and reached < params.train.steps:  # aborted gracefully
             raise KeyboardInterrupt(f"training interrupted; last checkpoint at step {reached}")
-        summary = {
-            "run_name": name,
-            "mlflow_run_id": run_id,
-            "dataset_hash": manifest["dataset_hash"],
+        summary = _summary(params, name, run_id, manifest, result.checkpoint, result.metrics)
+        summary |= {
             "diverged": diverged_at is not None,
             "diverged_at_step": int(diverged_at) if diverged_at is not None else None,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "steps": reached,  # of the last checkpoint (Ray's Result.metrics come from it)
-            "global_batch_size": params.global_batch_size,
-            "candidates": [
-                {
-                    "name": name,
-                    "checkpoint": f"{CANDIDATES}/{name}",
-                    "mlflow_run_id": run_id,
-                    "diverged": diverged_at is not None,
-                    "steps": reached,
-                }
-            ]
-            if result.checkpoint
-            else [],
-            "final_metrics": {
-                k: v
-                for k, v in (result.metrics or {}).items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)
-            },
         }
-        _write_outputs(Path(params.train.out_dir), result, summary, params)
+        for candidate in summary["candidates"]:
+            candidate["diverged"] = diverged_at is not None
+        _write_outputs(Path(params.train.out_dir), result.checkpoint, summary, params)
     except (KeyboardInterrupt, SystemExit):  # Ray exits from its handler if the abort races
         client.set_terminated(run_id, status="KILLED")
         raise KeyboardInterrupt("training interrupted") from None
@@ -576,6 +661,57 @@ def train(params: Params, faults: dict | None = None) -> dict:
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FAILED" if summary["diverged"] else "FINISHED")
+    return summary
+
+
+def _summary(params: Params, name: str, run_id: str, manifest: dict, checkpoint, metrics) -> dict:
+    """result.json of a single run whose last checkpoint is `checkpoint` (a Ray Checkpoint or
+    None), reported with `metrics`."""
+    reached = int(metrics.get("step", 0)) if metrics else 0
+    return {
+        "run_name": name,
+        "mlflow_run_id": run_id,
+        "dataset_hash": manifest["dataset_hash"],
+        "diverged": False,
+        "diverged_at_step": None,
+        "checkpoint": checkpoint.path if checkpoint else None,
+        "steps": reached,  # of the last checkpoint (Ray's Result.metrics come from it)
+        "global_batch_size": params.global_batch_size,
+        "candidates": [
+            {
+                "name": name,
+                "checkpoint": f"{CANDIDATES}/{name}",
+                "mlflow_run_id": run_id,
+                "diverged": False,
+                "steps": reached,
+            }
+        ]
+        if checkpoint
+        else [],
+        "final_metrics": {
+            k: v
+            for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        },
+    }
+
+
+def _outputs_of_finished_run(params: Params, name: str, found, run_id: str, manifest) -> dict:
+    """The outputs of a run whose FINISHED MLflow run already trained every step (train.out_dir
+    deleted, or `dvc repro -f`): written again from its checkpoint without Ray, and the run,
+    the provenance of what was registered from it, left exactly as it is."""
+    from ray.train import Checkpoint
+
+    history = _read_history(found.path / HISTORY)
+    metrics = history[-1] if history else {"step": found.state["step"]}
+    checkpoint = Checkpoint.from_directory(str(found.path))
+    summary = _summary(params, name, run_id, manifest, checkpoint, metrics)
+    _write_outputs(Path(params.train.out_dir), checkpoint, summary, params)
+    print(
+        f"train: {name} was already trained to step {found.state['step']} by MLflow run "
+        f"{run_id} (FINISHED); outputs written again from {found.path}",
+        file=sys.stderr,
+    )
     return summary
 
 
@@ -621,7 +757,7 @@ def _fit(params: Params, name: str, storage: str, worker_config: dict, callbacks
     return trainer.fit()
 
 
-def _write_outputs(out: Path, result, summary: dict, params: Params) -> None:
+def _write_outputs(out: Path, checkpoint, summary: dict, params: Params) -> None:
     """result.json, the final checkpoint, the history, the last sample grid and the params
     (best_params.yaml: a single run's are its own; a sweep writes its best trial's), each
     replacing its earlier version only once all are written."""
@@ -634,8 +770,8 @@ def _write_outputs(out: Path, result, summary: dict, params: Params) -> None:
     try:
         tree = params.model_dump(mode="json", exclude={"sweep"})
         (staging / BEST_PARAMS).write_text(yaml.safe_dump(tree, sort_keys=False))
-        if result.checkpoint:
-            with result.checkpoint.as_directory() as directory:
+        if checkpoint:
+            with checkpoint.as_directory() as directory:
                 shutil.copytree(directory, staging / CANDIDATES / summary["run_name"])
                 for name in (HISTORY, SAMPLES):
                     if (Path(directory) / name).is_file():

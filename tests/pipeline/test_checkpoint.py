@@ -139,3 +139,78 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="is damaged"):
         read_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_damaged_file_is_named_with_what_is_wrong(tmp_path):
+    """A truncated state.json was a JSONDecodeError in the driver, a truncated or changed
+    weights file a worker traceback."""
+    from pipeline.checkpoint import read_state
+
+    modules, optimizers = make(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", modules, optimizers, STATE_0)
+    state, weights = ckpt / STATE, ckpt / WEIGHTS
+    good_state, good_weights = state.read_bytes(), weights.read_bytes()
+
+    state.write_bytes(good_state[:40])
+    with pytest.raises(CheckpointError, match=rf"{state} is damaged \(not valid JSON"):
+        read_state(ckpt)
+    state.write_bytes(good_state)
+
+    weights.write_bytes(good_weights[: len(good_weights) // 2])
+    with pytest.raises(CheckpointError, match=rf"{weights} is damaged \(its sha256 differs"):
+        read_checkpoint(ckpt)
+    changed = bytearray(good_weights)
+    changed[-1] ^= 1  # a flipped bit in the tensors: the header still reads fine
+    weights.write_bytes(bytes(changed))
+    with pytest.raises(CheckpointError, match=rf"{weights} is damaged"):
+        read_state(ckpt)
+
+    # a checkpoint written before the sha256 was recorded: the header against the size
+    meta = json.loads(good_state)
+    del meta["weights_sha256"]
+    state.write_text(json.dumps(meta))
+    weights.write_bytes(good_weights[:-10])
+    with pytest.raises(CheckpointError, match=rf"{weights} is damaged \(.*not fully covered"):
+        read_state(ckpt)
+    weights.write_bytes(good_weights)
+    assert read_state(ckpt)["step"] == 7
+
+
+def test_the_newest_intact_checkpoint_is_found_and_the_damaged_ones_named(tmp_path):
+    from dataclasses import replace
+
+    from pipeline.checkpoint import newest_intact
+
+    modules, optimizers = make(0)
+    run = tmp_path / "run"
+    old, new = (
+        save_checkpoint(run / f"checkpoint_{i}", modules, optimizers, replace(STATE_0, step=s))
+        for i, s in ((1, 4), (2, 8))
+    )
+    assert newest_intact([]) is None
+    found = newest_intact([new, old])
+    assert (found.path, found.state["step"], found.damaged) == (new, 8, [])
+    (new / STATE).write_text("{")
+    found = newest_intact([new, old])
+    assert found.path == old and found.state["step"] == 4
+    assert len(found.damaged) == 1 and f"{new / STATE} is damaged" in found.damaged[0]
+    (old / WEIGHTS).write_bytes(b"")
+    with pytest.raises(CheckpointError) as caught:
+        newest_intact([new, old])
+    message = str(caught.value)
+    assert f"{new / STATE} is damaged" in message and f"{old / WEIGHTS} is damaged" in message
+    assert "delete the run's directory under ray.storage_path" in message
+
+
+def test_checkpoints_record_their_mlflow_run_and_older_ones_read_without_it(tmp_path):
+    from dataclasses import replace
+
+    modules, optimizers = make(0)
+    ckpt = save_checkpoint(
+        tmp_path / "ckpt", modules, optimizers, replace(STATE_0, mlflow_run_id="abc123")
+    )
+    assert load_checkpoint(ckpt, *make(1)).mlflow_run_id == "abc123"
+    meta = json.loads((ckpt / STATE).read_text())
+    del meta["mlflow_run_id"], meta["weights_sha256"]
+    (ckpt / STATE).write_text(json.dumps(meta))
+    assert load_checkpoint(ckpt, *make(1)) == STATE_0

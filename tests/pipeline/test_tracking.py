@@ -1,7 +1,9 @@
-"""MLflow tracking under concurrent trials: the embedded sqlite store with 4 writers."""
+"""MLflow tracking: concurrent trials in the sqlite store, and which runs may be continued."""
 
 import multiprocessing
+import os
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.train import _log_metrics
@@ -41,3 +43,71 @@ def test_four_concurrent_trials_lose_no_metric_point_in_sqlite(tmp_path):
             history = client.get_metric_history(run, f"m{k}")
             assert sorted(m.step for m in history) == list(range(1, REPORTS + 1))
             assert {m.value for m in history} == {s * 0.5 + k for s in range(1, REPORTS + 1)}
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return int(out.stdout)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the tests below (creating one takes seconds)."""
+    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}")
+
+
+def test_runs_left_running_by_a_killed_driver_are_closed_and_no_other(store):
+    """A driver killed with SIGKILL left its run RUNNING until the next run reused it."""
+    import socket
+
+    import psutil
+
+    from pipeline.tracking import CLOSED_TAG, DRIVER_TAG, close_abandoned_runs, driver_id
+
+    client = store
+    experiment = client.create_experiment("killed")
+    host = socket.gethostname()
+    reused_pid = f"{host}:{os.getpid()}:{psutil.Process().create_time() - 100:.2f}"
+    drivers = {
+        "killed": f"{host}:{_dead_pid()}:1.00",
+        "pid_reused": reused_pid,  # the pid is alive, but it is another process now
+        "alive": driver_id(),
+        "other_machine": "elsewhere:1:1.00",
+        "untagged": None,
+        "finished": f"{host}:{_dead_pid()}:1.00",
+    }
+    runs = {}
+    for name, driver in drivers.items():
+        tags = {DRIVER_TAG: driver} if driver else {}
+        runs[name] = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+    client.set_terminated(runs["finished"], "FINISHED")
+    closed = close_abandoned_runs(client, experiment)
+    assert sorted(closed) == sorted([runs["killed"], runs["pid_reused"]])
+    status = {name: client.get_run(run).info.status for name, run in runs.items()}
+    assert status == {"killed": "KILLED", "pid_reused": "KILLED", "alive": "RUNNING",
+                      "other_machine": "RUNNING", "untagged": "RUNNING",
+                      "finished": "FINISHED"}  # fmt: skip
+    reason = client.get_run(runs["killed"]).data.tags[CLOSED_TAG]
+    assert reason.startswith(f"its driver ({drivers['killed']}) ended without closing it")
+
+
+def test_a_finished_run_is_never_continued(store):
+    from pipeline.tracking import TrackingError, reopen_run, unfinished_run
+
+    client = store
+    experiment = client.create_experiment("finished")
+    finished = client.create_run(experiment, tags={"n": "a"}).info.run_id
+    client.set_terminated(finished, "FINISHED")
+    assert unfinished_run(client, experiment, "tags.n = 'a'") is None
+    with pytest.raises(TrackingError, match=f"MLflow run {finished} is FINISHED"):
+        reopen_run(client, finished)
+    killed = client.create_run(experiment, tags={"n": "b", "gone": "x"}).info.run_id
+    client.set_terminated(killed, "KILLED")
+    assert unfinished_run(client, experiment, "tags.n = 'b'").info.run_id == killed
+    reopen_run(client, killed, clear_tags=("gone",))
+    run = client.get_run(killed)
+    assert run.info.status == "RUNNING" and "gone" not in run.data.tags

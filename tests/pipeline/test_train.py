@@ -193,20 +193,109 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, prepared, monkeypatch)
     assert time.monotonic() - start < 10
 
 
-def test_resuming_a_run_trained_differently_is_refused_before_ray_starts(tmp_path, prepared):
-    from pipeline.checkpoint import STATE
+def _fake_checkpoint(directory: Path, identity: dict, step: int) -> Path:
+    """A real checkpoint of tiny networks with the run identity and step given."""
+    from gan.models import build_discriminator, build_generator
+    from pipeline.checkpoint import TrainingState, save_checkpoint
+
+    g = build_generator("dcgan", channels=1, resolution=8, z_dim=4, width=4)
+    d = build_discriminator("dcgan", channels=1, resolution=8, width=4)
+    ema = build_generator("dcgan", channels=1, resolution=8, z_dim=4, width=4)
+    modules = {"generator": g, "generator_ema": ema, "discriminator": d}
+    optimizers = {
+        "opt_g": torch.optim.Adam(g.parameters()),
+        "opt_d": torch.optim.Adam(d.parameters()),
+    }
+    return save_checkpoint(directory, modules, optimizers, TrainingState(step, 0, 0, identity, "x"))
+
+
+def test_resuming_a_run_trained_differently_or_damaged_is_refused_before_ray_starts(
+    tmp_path, prepared
+):
+    from pipeline.checkpoint import STATE, CheckpointError
     from pipeline.train import train
 
     params = tiny_params(tmp_path, "clash")
-    identity = run_identity(params, "not-this-dataset")
-    name = run_name(
-        params, json.loads((tmp_path / "prepared" / "manifest.json").read_text())["dataset_hash"]
+    dataset = json.loads((tmp_path / "prepared" / "manifest.json").read_text())["dataset_hash"]
+    run = tmp_path / "clash" / "runs" / run_name(params, dataset)
+    fake = _fake_checkpoint(
+        run / "checkpoint_2026-01-01_00-00-00.000000", run_identity(params, "not-this-dataset"), 4
     )
-    fake = tmp_path / "clash" / "runs" / name / "checkpoint_2026-01-01_00-00-00.000000"
-    fake.mkdir(parents=True)
-    (fake / STATE).write_text(json.dumps({"params": identity}))
     with pytest.raises(ResumeMismatchError, match="dataset: checkpoint 'not-this-dataset'"):
         train(params)
+    # a truncated state.json was a JSONDecodeError: now the file and the way out are named
+    (fake / STATE).write_text((fake / STATE).read_text()[:100])
+    with pytest.raises(CheckpointError, match=rf"{fake / STATE} is damaged.*delete the run's"):
+        train(params)
+    # a checkpoint past train.steps: not "finished after 400 steps" for a 300-step request
+    _fake_checkpoint(
+        run / "checkpoint_2026-01-02_00-00-00.000000", run_identity(params, dataset), 40
+    )
+    with pytest.raises(
+        ResumeMismatchError,
+        match=r"train.steps is 12, but this run's checkpoint .* is at step 40.*Set train.steps to "
+        r"40 or more.*or delete .*runs/gan-dcgan-\w+ to train a new 12-step run",
+    ):
+        train(params)
+
+
+@pytest.mark.slow
+def test_a_finished_run_is_never_reopened(tmp_path, ray_session, prepared):
+    """With runs/ gone a new run of the same configuration reopened the MLflow run behind a
+    registered version (FINISHED -> KILLED -> FINISHED, metrics duplicated, samples
+    overwritten)."""
+    import shutil
+
+    from pipeline.checkpoint import WEIGHTS
+    from pipeline.train import train
+
+    tree = tiny_params(tmp_path, "prov", steps=8).model_dump(mode="json")
+    tree["ray"]["num_workers"] = 1
+    params = validate_params(tree)
+    longer = validate_params({**tree, "train": {**tree["train"], "steps": 12}})
+    out, runs = Path(params.train.out_dir), Path(params.ray.storage_path)
+    client = MlflowClient(params.tracking.uri)
+
+    def provenance(run_id):
+        run = client.get_run(run_id)
+        metrics = {k: [(m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, k)]
+                   for k in run.data.metrics}  # fmt: skip
+        root = Path(run.info.artifact_uri.removeprefix("file://"))
+        files = {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*") if f.is_file()}
+        return run.info.status, run.info.end_time, run.data.tags, metrics, files
+
+    first = train(params)
+    before = provenance(first["mlflow_run_id"])
+    assert before[0] == "FINISHED" and "samples/step_0000008.png" in before[4]
+
+    # train.out_dir deleted (dvc repro -f): written again from the checkpoint, the run untouched
+    shutil.rmtree(out)
+    again = train(params)
+    assert again["mlflow_run_id"] == first["mlflow_run_id"] and again["steps"] == 8
+    assert (out / "candidates" / again["run_name"] / WEIGHTS).is_file()
+    assert provenance(first["mlflow_run_id"]) == before
+
+    # trained on, with the newest checkpoint cut short: from the one before, as a new run
+    newest = sorted((runs / first["run_name"]).glob("checkpoint_*/"))[-1]
+    (newest / WEIGHTS).write_bytes((newest / WEIGHTS).read_bytes()[:1000])
+    more = train(longer)
+    assert more["steps"] == 12 and more["mlflow_run_id"] != first["mlflow_run_id"]
+    tags = client.get_run(more["mlflow_run_id"]).data.tags
+    assert tags["ganpipe.resumed_from_run"] == first["mlflow_run_id"]
+    assert tags["ganpipe.resumed_from_step"] == "4"
+    history = (out / "history.csv").read_text().splitlines()
+    assert [row.split(",")[-1] for row in history[1:]] == ["4", "8", "12"]
+    logged = [m.step for m in client.get_metric_history(more["mlflow_run_id"], "loss_d")]
+    assert logged == [8, 12]
+    assert provenance(first["mlflow_run_id"]) == before
+
+    # runs/ gone: trained from step 0 as a new run
+    shutil.rmtree(runs)
+    fresh = train(longer)
+    assert fresh["mlflow_run_id"] not in (first["mlflow_run_id"], more["mlflow_run_id"])
+    assert provenance(first["mlflow_run_id"]) == before
+    logged = [m.step for m in client.get_metric_history(fresh["mlflow_run_id"], "loss_d")]
+    assert logged == [4, 8, 12]
 
 
 @pytest.mark.slow
@@ -255,3 +344,73 @@ def test_sigint_stops_within_30_s_keeps_the_checkpoint_and_marks_the_run_killed(
     history = (tmp_path / "sigint" / "out" / "history.csv").read_text().splitlines()
     assert [int(row.rsplit(",", 1)[1]) for row in history[1:]][-2:] == [meta["step"], target]
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def _exposed(processes) -> list:
+    """The listening TCP sockets of `processes` that are not on a loopback address."""
+    import ipaddress
+
+    import psutil
+
+    found = []
+    for process in processes:
+        try:
+            sockets = process.net_connections("inet")
+        except psutil.Error:
+            continue
+        for s in sockets:
+            ip = ipaddress.ip_address(s.laddr.ip.split("%")[0])
+            ip = getattr(ip, "ipv4_mapped", None) or ip
+            if s.status == psutil.CONN_LISTEN and not ip.is_loopback:
+                found.append((process.name(), f"{s.laddr.ip}:{s.laddr.port}"))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_driver_leaves_no_ray_process_nor_open_port_and_its_run_is_closed(
+    tmp_path, prepared
+):
+    """After SIGKILL of the driver, Ray's workers trained on for ~10 s and its dashboard and
+    runtime-env agents stayed up, listening on 0.0.0.0 and the host's address."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from pipeline.tracking import close_abandoned_runs
+
+    params = tiny_params(tmp_path, "sigkill", steps=100000)
+    (tmp_path / "params.yaml").write_text(json.dumps(params.model_dump(mode="json")))
+    with (tmp_path / "driver.log").open("w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "train"], cwd=tmp_path, stdout=log, stderr=log
+        )
+    runs = tmp_path / "sigkill" / "runs"
+    try:
+        deadline = time.monotonic() + 240
+        while not list(runs.glob("*/checkpoint_*/state.json")) and time.monotonic() < deadline:
+            assert driver.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(1)
+        time.sleep(3)  # the agents' listeners are up
+        ray = psutil.Process(driver.pid).children(recursive=True)
+        names = " ".join(sorted(p.name() for p in ray))
+        for name in ("raylet", "gcs_server", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
+            assert name in names, names
+        exposed = _exposed([psutil.Process(driver.pid), *ray])
+        # torch.distributed's TCPStore (rank 0's DDP rendezvous) listens on every interface
+        # while training, and torch has no option to bind it elsewhere: the one allowed
+        store = [(n, a) for n, a in exposed if n == "ray::RayTrainWorker" and a.startswith(":::")]
+        assert len(store) <= 1 and [e for e in exposed if e not in store] == [], exposed
+    finally:
+        driver.kill()
+        driver.wait()
+    _, alive = psutil.wait_procs(ray, timeout=20)
+    assert [p.name() for p in alive] == []
+
+    client = MlflowClient(params.tracking.uri)
+    experiment = client.get_experiment_by_name("ganpipe").experiment_id
+    (run,) = client.search_runs([experiment])
+    assert run.info.status == "RUNNING"  # until the next run starts, which closes it
+    assert close_abandoned_runs(client, experiment) == [run.info.run_id]
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
