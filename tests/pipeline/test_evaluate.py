@@ -34,6 +34,7 @@ from pipeline.evaluate import (
     prepared_generator,
 )
 from pipeline.featurenet import load_featurenet, read_featurenet_info, train_featurenet
+from pipeline.fidelity import FEATURENET
 from pipeline.prepare import prepare
 from pipeline.shards import read_manifest
 from pipeline.train import build_models, run_identity
@@ -320,3 +321,57 @@ def test_scoring_against_the_test_split(scored):
     plain, plain_on_train = report["candidates"]["plain"], on_train["candidates"]["plain"]
     assert plain["fid_domain"] != plain_on_train["fid_domain"]
     assert any(p.name.split("-")[1] == "test" for p in (root / "cache").iterdir())
+
+
+def old_torch_fidelity_names(dataset_hash, extractor_sha, real_name="train"):
+    """The files torch-fidelity's own pickle cache read for the Scorer's real sets."""
+    stem = f"{dataset_hash[:16]}-{real_name}-{extractor_sha[:16]}-{FEATURENET}"
+    return [
+        f"{stem}-features-features.pt",
+        f"{stem}-features-logits.pt",
+        f"{stem}-stat-fid-features.pt",
+    ]
+
+
+class MarkerPickle:
+    """Unpickled, this creates the file `marker` (what a planted payload would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def plant(path, marker):
+    """A pickle at `path` in torch.save's format (what torch-fidelity's cache held)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(MarkerPickle(marker), path)
+
+
+def test_pickles_planted_in_the_feature_cache_never_run_during_evaluate(scored, tmp_path):
+    """Issue 13: torch-fidelity's cache unpickled whatever its predictable names held."""
+    root, params, report, _ = scored
+    written = sorted((root / "cache").iterdir())
+    assert written and {p.suffix for p in written} == {".safetensors"}  # no pickles written
+    sha = read_featurenet_info(root / "featurenet")["weights_sha256"]
+    dataset = report["protocol"]["dataset_hash"]
+    real_sets = ["train", *(f"train-class{label}" for label in range(10))]
+    old = [n for real in real_sets for n in old_torch_fidelity_names(dataset, sha, real)]
+    cache, marker = tmp_path / "cache", tmp_path / "payload-ran"
+    for name in {*(p.name for p in written), *old}:
+        plant(cache / name, marker)
+    planted = params.model_copy(update={
+        "evaluate": params.evaluate.model_copy(update={
+            "cache_dir": str(cache), "out_dir": str(tmp_path / "evaluate"),
+            "metrics_file": str(tmp_path / "evaluate.json"),
+        }),
+        "tracking": params.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path / 'm.db'}"}),
+    })  # fmt: skip
+    again = evaluate(planted)
+    assert not marker.exists()
+    assert again["sanity"] == pytest.approx(report["sanity"], rel=1e-6)
+    for name, result in report["candidates"].items():
+        for key in ("fid_domain", "kid_domain", "is_domain", "precision_domain", "recall_domain"):
+            assert again["candidates"][name][key] == pytest.approx(result[key], rel=1e-6), key
+    assert {p.suffix for p in cache.iterdir()} == {".safetensors", ".pt"}  # .pt never read

@@ -21,7 +21,7 @@ from pipeline.evaluate import evaluate
 from pipeline.featurenet import train_featurenet
 from pipeline.fidelity import WeightsOnlyInceptionV3, save_random_inception_weights
 from pipeline.prepare import prepare
-from tests.pipeline.test_evaluate import eval_params, save_candidates
+from tests.pipeline.test_evaluate import MarkerPickle, eval_params, save_candidates
 
 pytestmark = pytest.mark.slow
 
@@ -116,16 +116,6 @@ def test_inception_weights_are_downloaded_into_the_hub_cache_and_checked(
             assert "fid_inception" in report["candidates"]["plain"]
 
 
-class Payload:
-    """Unpickling this creates `marker`: proof that pickled code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_wrong_or_unsafe_inception_weights_fail_clearly(rgb_setup, tmp_path):
     wrong_shapes = tmp_path / "small.pth"
     torch.save(torch.nn.Conv2d(3, 8, 3).state_dict(), wrong_shapes)
@@ -133,7 +123,7 @@ def test_wrong_or_unsafe_inception_weights_fail_clearly(rgb_setup, tmp_path):
         evaluate(rgb_setup(inception=True, inception_weights=str(wrong_shapes)))
     unsafe = tmp_path / "unsafe.pth"
     marker = tmp_path / "payload-ran"
-    unsafe.write_bytes(pickle.dumps(Payload(marker)))
+    unsafe.write_bytes(pickle.dumps(MarkerPickle(marker)))
     with pytest.raises(EvaluationError, match="not torch-fidelity's Inception-v3 state dict"):
         evaluate(rgb_setup(inception=True, inception_weights=str(unsafe)))
     assert not (tmp_path / "metrics" / "evaluate.json").exists()
