@@ -107,11 +107,12 @@ def start_local_ray(**options) -> None:
 LOOPBACK = "127.0.0.1"
 OWNER_ENV = "GANPIPE_RAY_OWNER"  # set in every process of a local Ray this pipeline started
 
-# Watches the pipeline process (argv[4]): remembers its descendants every second until its
-# stdin closes (the pipeline ended, however), then kills those left, their children and every
-# process with the owner mark (workers started in the last second, their raylet gone). Ray's
-# agents rename themselves over their environment, so the mark alone would miss them. SIGKILL:
-# they ignore SIGTERM once their raylet is gone.
+# Watches the pipeline process (argv[4]): every second until its stdin closes (the pipeline
+# ended, however) it remembers the process's Ray descendants (a command line naming ray: the
+# raylet, gcs_server, ray:: workers, the agents; never the user's other children); then it kills
+# those left, their children and every process with the owner mark (workers started in the last
+# second, their raylet gone). Ray's agents rename themselves over their environment, so the mark
+# alone would miss them. SIGKILL: they ignore SIGTERM once their raylet is gone.
 _REAPER = """
 import os, select, sys, psutil
 tag, key, mark, driver = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -121,6 +122,11 @@ def ours(p):
         return p.pid != os.getpid() and tag not in p.cmdline()
     except psutil.Error:
         return False
+def ray_process(p):
+    try:
+        return "ray" in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
 def marked(p):
     try:
         return p.environ().get(key) == mark
@@ -128,7 +134,8 @@ def marked(p):
         return False
 while not select.select([sys.stdin], [], [], 1.0)[0]:
     try:
-        seen.update((c.pid, c) for c in psutil.Process(driver).children(recursive=True))
+        seen.update((c.pid, c) for c in psutil.Process(driver).children(recursive=True)
+                    if c.pid not in seen and ray_process(c))
     except psutil.Error:
         break
 left = {p.pid: p for p in seen.values() if p.is_running() and ours(p)}
