@@ -110,6 +110,23 @@ def check_labels_for_model(manifest: dict, conditional: bool) -> None:
         )
 
 
+def batches_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
+    """Full batches each rank yields per epoch (every rank the same number: a DDP need)."""
+    return -(-num_rows // world_size) // batch_size
+
+
+def check_split_fits_batch(manifest: dict, batch_size: int, world_size: int) -> None:
+    """Refuse, before any worker or MLflow run starts, a train split without one full batch per
+    worker (the workers would fail later, each with a traceback)."""
+    rows = manifest["splits"]["train"]["rows"]
+    if batches_per_epoch(rows, world_size, batch_size) == 0:
+        raise DataError(
+            f"the prepared train split has {rows} images: too few for {world_size} worker(s) x "
+            f"train.batch_size {batch_size} (each worker needs one full batch); lower "
+            "train.batch_size or ray.num_workers, or prepare more images"
+        )
+
+
 class RankLoader:
     """Batches of (float images in [-1, 1], labels or None) for one rank, epoch after epoch.
 
@@ -137,7 +154,7 @@ class RankLoader:
             )
 
     def __len__(self) -> int:
-        return -(-self.data.num_rows // self.world_size) // self.batch_size
+        return batches_per_epoch(self.data.num_rows, self.world_size, self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor | None]]:
         """This rank's batches of `epoch`, from batch `start` on."""

@@ -33,8 +33,6 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
-
 from pipeline.cluster import (
     connect,
     join,
@@ -47,6 +45,7 @@ from pipeline.cluster import (
 from pipeline.config import Choice, Grid, Params, Uniform
 from pipeline.errors import SweepError
 from pipeline.files import replace_entries, staging_dir, write_json
+from pipeline.params_yaml import dump_yaml
 
 STOP_REASONS = "stop_reasons.json"
 BEST_PARAMS = "best_params.yaml"
@@ -272,7 +271,7 @@ def sweep(params: Params) -> dict:
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from pipeline.data import check_labels_for_model
+    from pipeline.data import check_labels_for_model, check_split_fits_batch
     from pipeline.shards import verify_prepared
     from pipeline.tracking import (
         check_reachable,
@@ -285,6 +284,7 @@ def sweep(params: Params) -> dict:
 
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
     check_labels_for_model(manifest, params.model.conditional)
+    check_split_fits_batch(manifest, params.train.batch_size, params.ray.num_workers)
     dataset = manifest["dataset_hash"]
     name = sweep_name(params, dataset)
     storage = storage_root(params)
@@ -505,7 +505,7 @@ def _write_outputs(out: Path, summary: dict, ranked: list[dict], base: dict, sto
             for key, value in ranked[0]["config"].items():
                 section, field = key.split(".", 1)
                 best[section][field] = value
-            (staging / BEST_PARAMS).write_text(yaml.safe_dump(best, sort_keys=False))
+            (staging / BEST_PARAMS).write_text(dump_yaml(best))
         write_json(staging / RESULT, summary)
         replace_entries(staging, out)
     finally:

@@ -47,7 +47,13 @@ from pipeline.checkpoint import (
 )
 from pipeline.cluster import connect, is_remote, storage_root, use_gpu
 from pipeline.config import Params, flatten
-from pipeline.data import PreparedSplit, RankLoader, check_labels_for_model
+from pipeline.data import (
+    PreparedSplit,
+    RankLoader,
+    check_labels_for_model,
+    check_split_fits_batch,
+)
+from pipeline.params_yaml import dump_yaml
 from pipeline.recipes import recipe_for
 from pipeline.shards import verify_prepared
 
@@ -614,6 +620,7 @@ def train(params: Params, faults: dict | None = None) -> dict:
 
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
     check_labels_for_model(manifest, params.model.conditional)
+    check_split_fits_batch(manifest, params.train.batch_size, params.ray.num_workers)
     identity = run_identity(params, manifest["dataset_hash"])
     name = run_name(params, manifest["dataset_hash"])
     storage = storage_root(params)
@@ -761,7 +768,6 @@ def _write_outputs(out: Path, checkpoint, summary: dict, params: Params) -> None
     """result.json, the final checkpoint, the history, the last sample grid and the params
     (best_params.yaml: a single run's are its own; a sweep writes its best trial's), each
     replacing its earlier version only once all are written."""
-    import yaml
 
     from pipeline.files import replace_entries, staging_dir
     from pipeline.sweep import BEST_PARAMS
@@ -769,7 +775,7 @@ def _write_outputs(out: Path, checkpoint, summary: dict, params: Params) -> None
     staging = staging_dir(out)
     try:
         tree = params.model_dump(mode="json", exclude={"sweep"})
-        (staging / BEST_PARAMS).write_text(yaml.safe_dump(tree, sort_keys=False))
+        (staging / BEST_PARAMS).write_text(dump_yaml(tree))
         if checkpoint:
             with checkpoint.as_directory() as directory:
                 shutil.copytree(directory, staging / CANDIDATES / summary["run_name"])

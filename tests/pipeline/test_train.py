@@ -193,6 +193,22 @@ def test_unreachable_tracking_server_fails_fast(tmp_path, prepared, monkeypatch)
     assert time.monotonic() - start < 10
 
 
+def test_a_train_split_smaller_than_one_batch_per_worker_is_refused_before_ray_starts(
+    tmp_path, prepared
+):
+    from pipeline.data import DataError
+    from pipeline.train import train
+
+    rows = json.loads((tmp_path / "prepared" / "manifest.json").read_text())["splits"]["train"]
+    params = tiny_params(tmp_path, "big-batch", batch_size=rows["rows"])  # 2 workers: half each
+    with pytest.raises(
+        DataError, match=rf"has {rows['rows']} images: too few for 2 worker\(s\) x "
+    ):
+        train(params)
+    assert not (tmp_path / "big-batch" / "mlflow.db").exists()  # no MLflow run was opened
+    assert not (tmp_path / "big-batch" / "runs").exists()
+
+
 def _fake_checkpoint(directory: Path, identity: dict, step: int) -> Path:
     """A real checkpoint of tiny networks with the run identity and step given."""
     from gan.models import build_discriminator, build_generator
