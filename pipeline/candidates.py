@@ -19,6 +19,7 @@ from pipeline.checkpoint import CheckpointError, read_checkpoint
 from pipeline.shards import DataError
 
 RESULT = "result.json"
+BEST_PARAMS = "best_params.yaml"  # <train.out_dir>: the params of the run (a sweep's best trial)
 GENERATORS = "generators"  # <evaluate.out_dir>/generators/<candidate>: what evaluate scored
 
 

@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num", type=_positive_int, default=64, help="images (default: %(default)s)"
     )
     sample.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
-    sample.add_argument("--label", type=int, help="class of every image (conditional models)")
+    sample.add_argument(
+        "--label", type=int, help="class of every image (conditional models; -1: cycle the classes)"
+    )
     sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")
     sample.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write")
     toy = commands.add_parser(

@@ -79,8 +79,8 @@ def start_local_ray(**options) -> None:
 
     Nothing left behind: when this process is killed (SIGKILL), Ray's raylet dies with it but
     its workers trained on for about 10 s and its agents stayed up for a minute, ignoring
-    SIGTERM (seen with Ray 2.60). A small watcher (`_start_reaper`) kills what is left of
-    this process's descendants, and of the processes marked with OWNER_ENV, once it is gone."""
+    SIGTERM (seen with Ray 2.60). A watcher (pipeline.reaper) kills what is left of this
+    process's Ray descendants, and of the processes marked with OWNER_ENV, once it is gone."""
     import ray
     import ray._private.ray_constants as ray_constants
 
@@ -107,65 +107,32 @@ def start_local_ray(**options) -> None:
 LOOPBACK = "127.0.0.1"
 OWNER_ENV = "GANPIPE_RAY_OWNER"  # set in every process of a local Ray this pipeline started
 
-# Watches the pipeline process (argv[4]): every second until its stdin closes (the pipeline
-# ended, however) it remembers the process's Ray descendants (a command line naming ray: the
-# raylet, gcs_server, ray:: workers, the agents; never the user's other children); then it kills
-# those left, their children and every process with the owner mark (workers started in the last
-# second, their raylet gone). Ray's agents rename themselves over their environment, so the mark
-# alone would miss them. SIGKILL: they ignore SIGTERM once their raylet is gone.
-_REAPER = """
-import os, select, sys, psutil
-tag, key, mark, driver = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-seen = {}
-def ours(p):
-    try:
-        return p.pid != os.getpid() and tag not in p.cmdline()
-    except psutil.Error:
-        return False
-def ray_process(p):
-    try:
-        return "ray" in " ".join(p.cmdline())
-    except psutil.Error:
-        return False
-def marked(p):
-    try:
-        return p.environ().get(key) == mark
-    except (psutil.Error, OSError):
-        return False
-while not select.select([sys.stdin], [], [], 1.0)[0]:
-    try:
-        seen.update((c.pid, c) for c in psutil.Process(driver).children(recursive=True)
-                    if c.pid not in seen and ray_process(c))
-    except psutil.Error:
-        break
-left = {p.pid: p for p in seen.values() if p.is_running() and ours(p)}
-for p in list(left.values()):
-    try:
-        left.update((c.pid, c) for c in p.children(recursive=True) if ours(c))
-    except psutil.Error:
-        pass
-left.update((p.pid, p) for p in psutil.process_iter() if marked(p) and ours(p))
-for p in left.values():
-    try:
-        p.kill()
-    except psutil.Error:
-        pass
-psutil.wait_procs(list(left.values()), timeout=10)
-"""
-_REAPER_TAG = "ganpipe-ray-reaper"
 _reapers: list = []  # their stdin pipes stay open exactly as long as this process lives
 
 
 def _start_reaper(owner: str) -> None:
+    """pipeline.reaper watching this process: it cleans up the local Ray however we end."""
     import subprocess
     import sys
 
     reaper = subprocess.Popen(
-        [sys.executable, "-c", _REAPER, _REAPER_TAG, OWNER_ENV, owner, str(os.getpid())],
+        [sys.executable, "-m", "pipeline.reaper", str(os.getpid()), OWNER_ENV, owner],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
     _reapers.append(reaper)
+
+
+def close_runs_if_killed(tracking_uri: str, experiment: str) -> None:
+    """Have the local Ray's watcher mark KILLED the runs of `experiment` this process leaves
+    RUNNING if it is killed (SIGKILL: no handler of ours runs). A no-op on a remote cluster:
+    there the next run on this machine closes them (tracking.close_abandoned_runs)."""
+    line = json.dumps([tracking_uri, experiment]).encode() + b"\n"
+    for reaper in _reapers:
+        if reaper.poll() is None:
+            with contextlib.suppress(OSError):
+                reaper.stdin.write(line)
+                reaper.stdin.flush()
 
 
 def free_port() -> int:

@@ -60,7 +60,7 @@ from pipeline.fidelity import (
     quantize,
     real_images,
 )
-from pipeline.files import replace_entries, staging_dir, write_json
+from pipeline.files import check_output_dir, replace_entries, staging_dir, write_json
 from pipeline.shards import verify_prepared
 from pipeline.tracking import check_reachable, json_tag, tracking_uri
 
@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 ALL_METRICS = ("fid", "isc", "kid", "prc")
 SAMPLES = "samples"
+OUTPUTS = (SAMPLES, GENERATORS)  # what evaluate replaces in evaluate.out_dir, and only those
+STAGE, OUT_DIR_KEY = "evaluate", "evaluate.out_dir"
 GRID_IMAGES = 64
 # A class counts as covered when it gets at least this share of the samples it would get if
 # the generator matched the real class frequencies.
@@ -111,6 +113,7 @@ class Scorer:
 def evaluate(params: Params) -> dict:
     """Score every candidate; write the metrics file, grids and exported generators."""
     c = params.evaluate
+    check_output_dir(c.out_dir, STAGE, OUT_DIR_KEY, names=OUTPUTS)  # before any work
     manifest = verify_prepared(params.prepare.out_dir, ["train", "test"])
     uri = tracking_uri(params)
     check_reachable(uri)
@@ -182,7 +185,7 @@ def evaluate(params: Params) -> dict:
             "timings": timings,
         }
         _log_to_runs(uri, report, staging)
-        replace_entries(staging, Path(c.out_dir))
+        replace_entries(staging, Path(c.out_dir), STAGE, OUT_DIR_KEY)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_json(c.metrics_file, report)

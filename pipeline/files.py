@@ -144,14 +144,18 @@ def replace_dir(
 
 
 def replace_entries(
-    staging: Path, target: Path, stage: str | None = None, setting: str | None = None
+    staging: Path,
+    target: Path,
+    stage: str | None = None,
+    setting: str | None = None,
+    recognise: Recognise | None = None,
 ) -> None:
     """Move every file and directory of `staging` into `target`, each replacing its
     namesake; other entries of `target` (DVC's .gitignore, a user's files) stay. A namesake
     that ganpipe did not write there is refused (check_output_dir) before anything moves.
     `target`'s OWNER_FILE records what was written; `staging` is removed."""
     entries = sorted(entry.name for entry in staging.iterdir())
-    check_output_dir(target, stage, setting, names=entries)
+    check_output_dir(target, stage, setting, names=entries, recognise=recognise)
     target.mkdir(parents=True, exist_ok=True)
     kept = {k: v for k, v in read_owners(target).items() if (target / k).exists()}
     _write_owners(target, kept | {name: stage for name in entries})

@@ -174,11 +174,12 @@ def load_checked(data_dir: Path, digest: str, where: str):
         raise RegistryError(f"{where}: {exc}") from None
 
 
-def _count(value, what: str, low: int, high: int) -> int:
-    """`value` as an int if it is a whole number (not a bool, float or string) in low..high."""
+def _count(value, what: str, low: int, high: int, hint: str = "") -> int:
+    """`value` as an int if it is a whole number (not a bool, float or string) in low..high;
+    `hint` ends the message when the record lacks it."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         if isinstance(value, float) and math.isnan(value):  # the record lacks it
-            raise ValueError(f"{what} is missing: give it in every record (a label of -1 cycles)")
+            raise ValueError(f"{what} is missing: give it in every record{hint}")
         raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     if not low <= value <= high:
         raise ValueError(f"{what} must be between {low} and {high}, got {value}")
@@ -199,7 +200,10 @@ def check_requests(model_input: pd.DataFrame, spec: GeneratorSpec) -> list[tuple
     for i, record in enumerate(model_input.to_dict("records")):
         number = _count(record["num_images"], f"record {i}: num_images", 1, MAX_IMAGES)
         seed = _count(record["seed"], f"record {i}: seed", *SEED_RANGE)
-        label = _count(record.get("label", CYCLE), f"record {i}: label", CYCLE, SEED_RANGE[1])
+        label = _count(
+            record.get("label", CYCLE), f"record {i}: label", CYCLE, SEED_RANGE[1],
+            " (a label of -1 cycles through the classes)",
+        )  # fmt: skip
         if label != CYCLE and spec.num_classes == 0:
             raise ValueError(
                 f"record {i}: label {label} given, but this generator is unconditional (no "

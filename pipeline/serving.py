@@ -29,6 +29,7 @@ from pipeline.config import Params
 from pipeline.errors import RegistryError
 from pipeline.files import atomic_path
 from pipeline.generator_model import (
+    CYCLE,
     DIGEST_TAG,
     check_data_only,
     load_checked,
@@ -160,10 +161,11 @@ def sample(
     tracking_uri: str | None = None,
 ) -> torch.Tensor:
     """`num_images` images (N, C, H, W) in [0, 1] from the model at `model_uri`, from noise
-    seeded by `seed`; conditional models draw class `label`, or cycle the classes if None."""
+    seeded by `seed`; conditional models draw class `label`, or cycle the classes if None or
+    -1 (as the served model does)."""
     generator, spec, _ = load_generator_from_uri(model_uri, tracking_uri)
     try:
-        return to_images(generator, spec, num_images, seed, label)
+        return to_images(generator, spec, num_images, seed, None if label == CYCLE else label)
     except ValueError as exc:
         raise RegistryError(f"{model_uri}: {exc}") from None
 

@@ -33,7 +33,9 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.candidates import BEST_PARAMS
 from pipeline.cluster import (
+    close_runs_if_killed,
     connect,
     join,
     local_checkpoint,
@@ -48,7 +50,6 @@ from pipeline.files import replace_entries, staging_dir, write_json
 from pipeline.params_yaml import dump_yaml
 
 STOP_REASONS = "stop_reasons.json"
-BEST_PARAMS = "best_params.yaml"
 SWEEP_TAG = "ganpipe.sweep_name"  # on the trials' runs
 PARENT_TAG = "ganpipe.sweep"  # on the sweep's parent run
 STOP_TAG = "ganpipe.stop_reason"
@@ -280,8 +281,9 @@ def sweep(params: Params) -> dict:
         git_commit,
         tracking_uri,
     )
-    from pipeline.train import graceful_signals
+    from pipeline.train import check_train_outputs, graceful_signals
 
+    check_train_outputs(params)
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
     check_labels_for_model(manifest, params.model.conditional)
     check_split_fits_batch(manifest, params.train.batch_size, params.ray.num_workers)
@@ -297,6 +299,7 @@ def sweep(params: Params) -> dict:
     _check_stoppable(params)
     experiment = experiment_id(client, params.tracking.experiment)
     close_abandoned_runs(client, experiment)
+    close_runs_if_killed(uri, experiment)
     path = join(storage, name)
     restoring = tune.Tuner.can_restore(path)
     parent = _parent_run(client, params, name, dataset, experiment, git_commit, restoring)
@@ -489,7 +492,15 @@ def _summarize(
 def _write_outputs(out: Path, summary: dict, ranked: list[dict], base: dict, storage: str) -> None:
     """Candidates, the best trial's history, grid and params, and result.json, each replacing
     its earlier version only once all are written."""
-    from pipeline.train import CANDIDATES, HISTORY, RESULT, SAMPLES
+    from pipeline.train import (
+        CANDIDATES,
+        HISTORY,
+        OUT_DIR_KEY,
+        RESULT,
+        SAMPLES,
+        STAGE,
+        earlier_train_outputs,
+    )
 
     staging = staging_dir(out)
     try:
@@ -507,7 +518,7 @@ def _write_outputs(out: Path, summary: dict, ranked: list[dict], base: dict, sto
                 best[section][field] = value
             (staging / BEST_PARAMS).write_text(dump_yaml(best))
         write_json(staging / RESULT, summary)
-        replace_entries(staging, out)
+        replace_entries(staging, out, STAGE, OUT_DIR_KEY, earlier_train_outputs)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

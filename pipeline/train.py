@@ -36,7 +36,7 @@ from gan.ema import GeneratorEMA
 from gan.models import build_discriminator
 from gan.sampling import LatentSampler, fixed_latents, step_generator
 from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
-from pipeline.candidates import RESULT, generator_spec
+from pipeline.candidates import BEST_PARAMS, RESULT, generator_spec
 from pipeline.checkpoint import (
     CheckpointError,
     TrainingState,
@@ -45,7 +45,7 @@ from pipeline.checkpoint import (
     newest_intact,
     save_checkpoint,
 )
-from pipeline.cluster import connect, is_remote, storage_root, use_gpu
+from pipeline.cluster import close_runs_if_killed, connect, is_remote, storage_root, use_gpu
 from pipeline.config import Params, flatten
 from pipeline.data import (
     PreparedSplit,
@@ -412,6 +412,29 @@ def _enabled(option: str, device: torch.device) -> bool:
 
 
 SAMPLES = "samples.png"
+# What a run or a sweep writes in train.out_dir: the entries it replaces, and only those.
+OUTPUTS = (RESULT, BEST_PARAMS, CANDIDATES, HISTORY, SAMPLES)
+STAGE, OUT_DIR_KEY = "train", "train.out_dir"
+
+
+def check_train_outputs(params: Params) -> None:
+    """Refuse, before any work, a train.out_dir whose entries of our names ganpipe did not
+    write (a user's own samples.png would otherwise be replaced at the end)."""
+    from pipeline.files import check_output_dir
+
+    check_output_dir(
+        params.train.out_dir, STAGE, OUT_DIR_KEY, names=OUTPUTS, recognise=earlier_train_outputs
+    )
+
+
+def earlier_train_outputs(out_dir: Path) -> list[str]:
+    """What a train stage wrote in `out_dir` before pipeline.files' markers: our entries, when
+    its result.json says so."""
+    try:
+        ours = "candidates" in json.loads((Path(out_dir) / RESULT).read_text())
+    except (OSError, ValueError, TypeError):
+        ours = False
+    return list(OUTPUTS) if ours else []
 
 
 def _save_sample_grid(
@@ -618,6 +641,7 @@ def train(params: Params, faults: dict | None = None) -> dict:
         tracking_uri,
     )
 
+    check_train_outputs(params)
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
     check_labels_for_model(manifest, params.model.conditional)
     check_split_fits_batch(manifest, params.train.batch_size, params.ray.num_workers)
@@ -632,7 +656,9 @@ def train(params: Params, faults: dict | None = None) -> dict:
     if finished and found.state["step"] == params.train.steps:  # nothing left to train
         return _outputs_of_finished_run(params, name, found, finished, manifest)
     connect(params)  # before the MLflow run: a cluster that cannot be joined leaves no trace
-    close_abandoned_runs(client, experiment_id(client, params.tracking.experiment))
+    experiment = experiment_id(client, params.tracking.experiment)
+    close_abandoned_runs(client, experiment)
+    close_runs_if_killed(uri, experiment)
     if run_id is None:
         resumed = {RESUMED_FROM_TAG: finished, "ganpipe.resumed_from_step": str(
             found.state["step"])} if finished else {}  # fmt: skip
@@ -770,7 +796,6 @@ def _write_outputs(out: Path, checkpoint, summary: dict, params: Params) -> None
     replacing its earlier version only once all are written."""
 
     from pipeline.files import replace_entries, staging_dir
-    from pipeline.sweep import BEST_PARAMS
 
     staging = staging_dir(out)
     try:
@@ -783,6 +808,6 @@ def _write_outputs(out: Path, checkpoint, summary: dict, params: Params) -> None
                     if (Path(directory) / name).is_file():
                         shutil.copy(Path(directory) / name, staging / name)
         (staging / RESULT).write_text(json.dumps(summary, indent=2) + "\n")
-        replace_entries(staging, out)
+        replace_entries(staging, out, STAGE, OUT_DIR_KEY, earlier_train_outputs)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

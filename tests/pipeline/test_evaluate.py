@@ -375,3 +375,18 @@ def test_pickles_planted_in_the_feature_cache_never_run_during_evaluate(scored, 
         for key in ("fid_domain", "kid_domain", "is_domain", "precision_domain", "recall_domain"):
             assert again["candidates"][name][key] == pytest.approx(result[key], rel=1e-6), key
     assert {p.suffix for p in cache.iterdir()} == {".safetensors", ".pt"}  # .pt never read
+
+
+def test_an_evaluate_out_dir_holding_what_ganpipe_did_not_write_is_refused_first(tmp_path):
+    from pipeline.evaluate import evaluate
+    from pipeline.files import OutputError
+
+    out = tmp_path / "evaluate"
+    (out / "samples").mkdir(parents=True)
+    (out / "samples" / "mine.png").write_bytes(b"a user's grid")
+    params = validate_params(
+        {"prepare": {"out_dir": str(tmp_path / "absent")}, "evaluate": {"out_dir": str(out)}}
+    )  # nothing prepared: the refusal comes before any work
+    with pytest.raises(OutputError, match=r"evaluate.out_dir .* holds samples, which the evaluate"):
+        evaluate(params)
+    assert (out / "samples" / "mine.png").read_bytes() == b"a user's grid"

@@ -90,7 +90,10 @@ def test_labels_for_conditional_models_only(registry):
     uri, conditional = registry["uri"], f"models:/{CONDITIONAL}@champion"
     threes = sample(conditional, 4, seed=0, label=3, tracking_uri=uri)
     assert threes.shape == (4, 1, 16, 16)
-    assert not torch.equal(threes, sample(conditional, 4, seed=0, tracking_uri=uri))
+    cycled = sample(conditional, 4, seed=0, tracking_uri=uri)
+    assert not torch.equal(threes, cycled)
+    # -1 cycles the classes here as in a served request
+    assert torch.equal(cycled, sample(conditional, 4, seed=0, label=-1, tracking_uri=uri))
     with pytest.raises(RegistryError, match=r"label 10 is outside the model's classes 0..9"):
         sample(conditional, 4, label=10, tracking_uri=uri)
     with pytest.raises(RegistryError, match="unconditional"):

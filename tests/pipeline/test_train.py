@@ -394,7 +394,7 @@ def test_a_killed_driver_leaves_no_ray_process_nor_open_port_and_its_run_is_clos
 
     import psutil
 
-    from pipeline.tracking import close_abandoned_runs
+    from pipeline.tracking import CLOSED_TAG, close_abandoned_runs
 
     params = tiny_params(tmp_path, "sigkill", steps=100000)
     (tmp_path / "params.yaml").write_text(json.dumps(params.model_dump(mode="json")))
@@ -427,6 +427,29 @@ def test_a_killed_driver_leaves_no_ray_process_nor_open_port_and_its_run_is_clos
     client = MlflowClient(params.tracking.uri)
     experiment = client.get_experiment_by_name("ganpipe").experiment_id
     (run,) = client.search_runs([experiment])
-    assert run.info.status == "RUNNING"  # until the next run starts, which closes it
-    assert close_abandoned_runs(client, experiment) == [run.info.run_id]
-    assert client.get_run(run.info.run_id).info.status == "KILLED"
+    deadline = time.monotonic() + 60  # the watcher closes it (it stayed RUNNING until the next run)
+    while client.get_run(run.info.run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(1)
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "KILLED" and str(driver.pid) in run.data.tags[CLOSED_TAG]
+    assert close_abandoned_runs(client, experiment) == []  # nothing left for the next run
+
+
+def test_a_train_out_dir_holding_what_ganpipe_did_not_write_is_refused_before_any_work(tmp_path):
+    from pipeline.files import OutputError
+    from pipeline.train import OUTPUTS, check_train_outputs, train
+
+    params = tiny_params(tmp_path, "user")  # no prepared data: the check comes first
+    out = Path(params.train.out_dir)
+    out.mkdir(parents=True)
+    (out / "samples.png").write_bytes(b"the user's own figure")
+    with pytest.raises(OutputError, match=r"train.out_dir .* holds samples.png, which the train"):
+        train(params)
+    assert (out / "samples.png").read_bytes() == b"the user's own figure"
+    # outputs of a train stage from before the ownership markers are recognised by result.json
+    (out / "samples.png").unlink()
+    for name in OUTPUTS:
+        (out / name).write_text(json.dumps({"candidates": []}))
+    check_train_outputs(params)
+    (out / "notes.txt").write_text("a user's file beside the outputs is left alone")
+    check_train_outputs(params)
