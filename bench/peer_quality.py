@@ -150,7 +150,12 @@ def write_params(workdir: Path, args: argparse.Namespace, image_dir: Path | None
     if image_dir is None:
         prepare_section["source"] = "digits"
     else:
-        prepare_section |= {"source": "imagefolder", "image_dir": str(image_dir)}
+        # the subset is symlinks to --data's files, which prepare reads only when told to
+        prepare_section |= {
+            "source": "imagefolder",
+            "image_dir": str(image_dir),
+            "follow_symlinks": True,
+        }
     raw["prepare"] = prepare_section
     for section, values in validate_params(raw).model_dump(mode="json").items():
         for key, value in values.items():

@@ -204,7 +204,9 @@ class TrainParams(Section):
     gp_weight: Float = Field(0.0, ge=0, description="WGAN-GP lambda (0 = off)")
     r1_gamma: Float = Field(0.0, ge=0, description="R1 gamma (0 = off)")
     r1_every: Int = Field(1, ge=1, description="lazy R1: every k-th D update, scaled by k")
-    diffaugment: tuple[AugmentPolicy, ...] = Field((), description="DiffAugment policies")
+    diffaugment: tuple[AugmentPolicy, ...] = Field(
+        recipe_default("train", "diffaugment"), description="DiffAugment policies" + RECIPE_NOTE
+    )
     ema_kimg: Float = Field(
         10.0, ge=0, description="generator EMA half-life in thousands of images (0: no average)"
     )
