@@ -299,7 +299,8 @@ def test_class_figures_reward_samples_of_the_conditioning_class_only(scored):
     right, shifted = figures[0], figures[1]
     assert right["label_accuracy_domain"] > 0.95 and shifted["label_accuracy_domain"] < 0.05
     assert right["class_coverage_domain"] == shifted["class_coverage_domain"] == 1.0
-    assert right["cas_accuracy"] > 0.85 and shifted["cas_accuracy"] < 0.05
+    # CAS: the featurenet recipe trained on the oracle's 8-px samples (0.85 with the v2 net)
+    assert right["cas_accuracy"] > 0.8 and shifted["cas_accuracy"] < 0.05
     assert right["fid_class_mean_domain"] < 0.2 * shifted["fid_class_mean_domain"]
 
 
