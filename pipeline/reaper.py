@@ -48,7 +48,7 @@ def _marked(process: psutil.Process, key: str, owner: str) -> bool:
         return False
 
 
-def watch(driver: int, key: str, owner: str) -> tuple[dict, set]:
+def watch(driver: int) -> tuple[dict, set]:
     """Until stdin closes: the driver's Ray descendants seen, and the MLflow stores named."""
     seen: dict[int, psutil.Process] = {}
     stores: set[tuple[str, str]] = set()
@@ -96,7 +96,7 @@ def close_runs(stores: set) -> None:
 
 def main(argv: list[str]) -> None:
     driver, key, owner = int(argv[0]), argv[1], argv[2]
-    seen, stores = watch(driver, key, owner)
+    seen, stores = watch(driver)
     reap(seen, key, owner)
     close_runs(stores)
 
