@@ -1,6 +1,6 @@
 """The CUDA path of the train and evaluate code: it runs, and what it buys over the CPU.
 
-For a machine with a GPU. Runs the real training loop (pipeline.train.train_loop) on digits,
+For a machine with a GPU. Runs the real training loop (pipeline.training.loop.train_loop) on digits,
 outside Ray, in one process:
 - cpu:        fp32 on the CPU cores (the baseline of every ratio)
 - cuda fp32:  mixed_precision off, channels_last off
@@ -34,16 +34,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import pipeline.train as train_module
+import pipeline.training.loop as loop_module
 from pipeline.cluster import free_port
 from pipeline.config import load_params
 from pipeline.data import PreparedSplit
-from pipeline.evaluate import Scorer, TrialEvaluator
 from pipeline.featurenet import train_featurenet
 from pipeline.fidelity import INCEPTION, real_images, save_random_inception_weights
 from pipeline.prepare import prepare
+from pipeline.scoring import Scorer, TrialEvaluator, TrialScoring
 from pipeline.shards import read_manifest
-from pipeline.sweep import trial_eval_settings
+from pipeline.training.loop import train_loop
+from pipeline.training.worker_config import WorkerConfig
 
 OFF = ["train.mixed_precision=off", "train.channels_last=off"]
 MLP = ["model.family=mlp", "model.spectral_norm_d=false"]
@@ -98,7 +99,9 @@ class LocalSession:
         self.reports.append({**metrics, "checkpoint": directory is not None})
 
 
-def run(base: Path, name: str, steps: int, trial_eval: dict, dataset_hash: str, common) -> dict:
+def run(
+    base: Path, name: str, steps: int, scoring: TrialScoring, dataset_hash: str, common
+) -> dict:
     device, ddp, overrides = RUNS[name]
     overrides = [*common, *overrides]
     every = ["train.log_every=100"]  # each report runs the FID evaluation
@@ -107,14 +110,10 @@ def run(base: Path, name: str, steps: int, trial_eval: dict, dataset_hash: str, 
     if ddp:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("nccl", rank=0, world_size=1)
-    config = {
-        "params": params.model_dump(mode="json"),
-        "identity": train_module.run_identity(params, dataset_hash),
-        "trial_eval": trial_eval,
-    }
+    config = WorkerConfig.build(params, dataset_hash, scoring=scoring)
     start = time.perf_counter()
     try:
-        train_module.train_loop(config, session)
+        train_loop(config, session)
         if device == "cuda":
             torch.cuda.synchronize()
     finally:
@@ -166,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gpu_path: no CUDA device here; this benchmark needs one")
-    train_module._node_ids = lambda: ["local"]  # Ray's node census; Ray is not needed here
+    loop_module._node_ids = lambda: ["local"]  # Ray's node census; Ray is not needed here
     figures: dict = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
                      "cpu_threads": torch.get_num_threads(), "runs": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="gpu-path-") as tmp:
@@ -180,15 +179,15 @@ def main() -> None:
             "stage_s": round(time.perf_counter() - tick, 1)
         }
         manifest = read_manifest(params.prepare.out_dir)
-        trial_eval = trial_eval_settings(params, manifest["dataset_hash"], eval_samples=1000)
-        TrialEvaluator(trial_eval)  # loads the featurenet once: fails here, not in a run
+        scoring = TrialScoring.of(params, manifest["dataset_hash"], eval_samples=1000)
+        TrialEvaluator(scoring)  # loads the featurenet once: fails here, not in a run
         chosen = [n for n in RUNS if not args.only or n in args.only or RUNS[n][0] == "cpu"]
         for name in chosen:
             steps = args.cpu_steps if RUNS[name][0] == "cpu" else args.steps
             if steps == 0:
                 continue
             try:
-                row = run(base, name, steps, trial_eval, manifest["dataset_hash"], args.set)
+                row = run(base, name, steps, scoring, manifest["dataset_hash"], args.set)
             except Exception as exc:  # one broken path must not hide the others' figures
                 row = {"run": name, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
             figures["runs"].append(row)

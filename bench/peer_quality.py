@@ -62,23 +62,20 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torchvision.utils import save_image
 
 from gan.sampling import generate
-from pipeline.candidates import generator_from_checkpoint, list_candidates
+from pipeline.artifacts import list_candidates
+from pipeline.candidates import generator_from_checkpoint
 from pipeline.cluster import ADDRESS_ENV, STORAGE_ENV, is_remote, storage_root
 from pipeline.config import Params, load_params, parse_yaml, validate_params
 from pipeline.data import PreparedSplit
-from pipeline.evaluate import (
-    Scorer,
-    class_figures,
-    domain_extractor,
-    evaluate,
-    prepared_generator,
-)
+from pipeline.evaluate import evaluate, prepared_generator
 from pipeline.featurenet import load_featurenet, train_featurenet
 from pipeline.fidelity import quantize, real_images
 from pipeline.prepare import prepare
 from pipeline.registry import best_candidate
+from pipeline.scoring import Scorer, class_figures, domain_extractor
 from pipeline.sources import IMAGE_SUFFIXES
-from pipeline.train import run_name, train
+from pipeline.train import train
+from pipeline.training.identity import run_name
 
 SHIPPED_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # Params keys ending so are outputs: each goes inside the workdir. image_dir is an input.

@@ -21,7 +21,7 @@ from pipeline.cluster import start_local_ray
 from pipeline.config import validate_params
 from pipeline.featurenet import train_featurenet
 from pipeline.prepare import prepare
-from pipeline.sweep import sweep
+from pipeline.training.sweep import sweep
 
 # Drawn at random (seeded: both sweeps run the same 16 configurations in the same order). A
 # grid in ascending learning rate would be ASHA's worst case: every new trial beats the ones
@@ -65,7 +65,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--reduction-factor", type=int, default=3)
     args = parser.parse_args()
-    start_local_ray(log_to_driver=False)  # with the dashboard: sweeps need it (pipeline.sweep)
+    start_local_ray(
+        log_to_driver=False
+    )  # with the dashboard: sweeps need it (pipeline.training.sweep)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         full = run(root, "fifo", args.steps, args.eval_every, scheduler="fifo", patience=10**6)

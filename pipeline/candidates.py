@@ -1,37 +1,19 @@
-"""What the train stage hands on: candidate generators, and how to load one from its checkpoint.
+"""A candidate's generator: rebuilt from the model params saved in its checkpoint.
 
-A candidate is one training run's final checkpoint, listed in `<train.out_dir>/result.json`
-(one for a single run, the best trials of a sweep). Its generator is rebuilt from the model
-params saved in the checkpoint and the prepared data's shape, so nothing but safetensors and
-JSON is read.
+A candidate (pipeline.artifacts.Candidate) is one training run's final checkpoint, listed in
+`<train.out_dir>/result.json` (one for a single run, the best trials of a sweep). Its generator
+is rebuilt from the model params saved in the checkpoint and the prepared data's shape, so
+nothing but safetensors and JSON is read.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from gan.models import GeneratorSpec
 from pipeline.checkpoint import CheckpointError, read_checkpoint
-from pipeline.shards import DataError
-
-RESULT = "result.json"
-BEST_PARAMS = "best_params.yaml"  # <train.out_dir>: the params of the run (a sweep's best trial)
-GENERATORS = "generators"  # <evaluate.out_dir>/generators/<candidate>: what evaluate scored
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One trained generator the evaluate stage scores."""
-
-    name: str  # the training run's name (gan-<family>-<hash>)
-    checkpoint: Path
-    mlflow_run_id: str | None
-    diverged: bool
-    steps: int
 
 
 def generator_spec(model: dict, shape: tuple[int, int, int], num_classes: int) -> GeneratorSpec:
@@ -42,31 +24,6 @@ def generator_spec(model: dict, shape: tuple[int, int, int], num_classes: int) -
         width=model["g_width"], num_classes=num_classes if model["conditional"] else 0,
         mlp_depth=model["mlp_depth"], spectral_norm=model["spectral_norm_g"],
     )  # fmt: skip
-
-
-def list_candidates(train_out: str | Path) -> list[Candidate]:
-    """The candidates in the train stage's result.json, with absolute checkpoint paths."""
-    train_out = Path(train_out)
-    path = train_out / RESULT
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: run the train stage first (dvc repro train)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run the train stage") from None
-    candidates = [
-        Candidate(
-            name=c["name"],
-            checkpoint=(train_out / c["checkpoint"]).resolve(),
-            mlflow_run_id=c.get("mlflow_run_id"),
-            diverged=bool(c.get("diverged")),
-            steps=int(c.get("steps", 0)),
-        )  # fmt: skip
-        for c in result.get("candidates", [])
-    ]
-    if not candidates:
-        raise DataError(f"{path} lists no candidates with a checkpoint; re-run the train stage")
-    return candidates
 
 
 def generator_from_checkpoint(

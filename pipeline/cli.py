@@ -19,13 +19,19 @@ from pathlib import Path
 from gan.export import ExportError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
-from pipeline.errors import ClusterError, EvaluationError, RegistryError, SweepError, shorten
+from pipeline.errors import (
+    ClusterError,
+    DataError,
+    EvaluationError,
+    RegistryError,
+    SweepError,
+    shorten,
+)
 from pipeline.files import OutputError
 from pipeline.params_yaml import dump_yaml
-from pipeline.shards import DataError
 from pipeline.sources import SourceError
 from pipeline.tracking import TrackingError
-from pipeline.train import ResumeMismatchError
+from pipeline.training.identity import ResumeMismatchError
 
 # Errors that mean "the input is wrong" (data, files, URIs, servers), reported in one line.
 BAD_INPUT = (

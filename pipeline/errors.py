@@ -5,6 +5,10 @@ They live apart from the stages so that the CLI can name them without importing 
 or MLflow."""
 
 
+class DataError(ValueError):
+    """Prepared data is missing or damaged; the message names the file and the fix."""
+
+
 class EvaluationError(ValueError):
     """Evaluation cannot run as configured (too few samples, missing weights, a bad feature
     network); the message names the key or file and the fix."""

@@ -41,39 +41,36 @@ import torch_fidelity
 
 from gan.ema import NORM_STATISTICS_SAMPLES, refresh_statistics
 from gan.export import save_generator, sha256_file
-from gan.sampling import LatentSampler, generate, mix_seed
-from pipeline.candidates import (
+from gan.sampling import LatentSampler, mix_seed
+from pipeline.artifacts import (
+    EVALUATE_OUT_DIR_KEY,
+    EVALUATE_OUTPUTS,
+    EVALUATE_SAMPLES,
+    EVALUATE_STAGE,
     GENERATORS,
-    generator_from_checkpoint,
     list_candidates,
 )
-from pipeline.config import RANKING_METRICS, EvaluateParams, Params
+from pipeline.candidates import generator_from_checkpoint
+from pipeline.config import RANKING_METRICS, Params
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
 from pipeline.featurenet import fit_classifier, load_featurenet, predict, read_featurenet_info
-from pipeline.fidelity import (
-    FEATURENET,
-    INCEPTION,
-    compute,
-    generated_images,
-    inception_weights,
-    quantize,
-    real_images,
-)
+from pipeline.fidelity import INCEPTION, inception_weights, real_images
 from pipeline.files import check_output_dir, replace_entries, staging_dir, write_json
+from pipeline.scoring import (
+    COVERAGE_SHARE,
+    Scorer,
+    class_figures,
+    domain_extractor,
+    sample_images,
+    to_nhwc,
+)
 from pipeline.shards import verify_prepared
 from pipeline.tracking import check_reachable, json_tag, tracking_uri
 
 log = logging.getLogger(__name__)
 
-ALL_METRICS = ("fid", "isc", "kid", "prc")
-SAMPLES = "samples"
-OUTPUTS = (SAMPLES, GENERATORS)  # what evaluate replaces in evaluate.out_dir, and only those
-STAGE, OUT_DIR_KEY = "evaluate", "evaluate.out_dir"
 GRID_IMAGES = 64
-# A class counts as covered when it gets at least this share of the samples it would get if
-# the generator matched the real class frequencies.
-COVERAGE_SHARE = 0.5
 GENERATOR_KINDS = ("ema", "raw")  # the two generators of every checkpoint
 # The EMA and the raw generator are flagged when one is this much worse than the other on the
 # choice metric (FID/KID ratio, or the inverse ratio of a higher-is-better figure).
@@ -81,39 +78,12 @@ GAP_RATIO = 1.25
 GAP_TAG = "ganpipe.eval.generator_gap"
 
 
-class Scorer:
-    """Scores image sets against the real split with each available feature extractor;
-    `config` is an EvaluateParams (sample counts, KID/PR settings, cache, seed)."""
-
-    def __init__(self, config: EvaluateParams, extractors: dict, dataset_hash: str):
-        self.config, self.extractors = config, extractors
-        self.dataset_hash = dataset_hash
-
-    def score(
-        self, generated: torch.Tensor, real, real_name: str, metrics=ALL_METRICS, only=None
-    ) -> dict[str, float]:
-        """Metrics of `generated` (float, [-1, 1]) against `real`, suffixed by extractor;
-        `real_name` names the real set in the feature cache."""
-        c, scores = self.config, {}
-        for key, extractor in self.extractors.items():
-            if only and key not in only:
-                continue
-            cache = f"{self.dataset_hash[:16]}-{real_name}-{extractor['sha256'][:16]}"
-            values = compute(
-                generated_images(generated), real, extractor=extractor["name"],
-                weights=extractor["weights"], metrics=metrics, real_cache_name=cache,
-                cache_dir=c.cache_dir, seed=c.seed, batch_size=c.batch_size,
-                kid_subset_size=c.kid_subset_size, kid_subsets=c.kid_subsets,
-                prc_neighborhood=c.prc_neighborhood,
-            )  # fmt: skip
-            scores |= {f"{k}_{key}": v for k, v in values.items()}
-        return scores
-
-
 def evaluate(params: Params) -> dict:
     """Score every candidate; write the metrics file, grids and exported generators."""
     c = params.evaluate
-    check_output_dir(c.out_dir, STAGE, OUT_DIR_KEY, names=OUTPUTS)  # before any work
+    check_output_dir(
+        c.out_dir, EVALUATE_STAGE, EVALUATE_OUT_DIR_KEY, names=EVALUATE_OUTPUTS
+    )  # before any work
     manifest = verify_prepared(params.prepare.out_dir, ["train", "test"])
     uri = tracking_uri(params)
     check_reachable(uri)
@@ -147,7 +117,7 @@ def evaluate(params: Params) -> dict:
                     candidate.checkpoint, manifest, which
                 )
                 ready = prepared_generator(generator.to(device), spec, c.seed)
-                fake = _samples(ready, spec, c.num_samples, c)
+                fake = sample_images(ready, spec, c.num_samples, c)
                 scores = scorer.score(fake, real, c.split)
                 if net is not None:
                     scores |= class_figures(net, fake, spec.num_classes, real_labels)
@@ -185,7 +155,7 @@ def evaluate(params: Params) -> dict:
             "timings": timings,
         }
         _log_to_runs(uri, report, staging)
-        replace_entries(staging, Path(c.out_dir), STAGE, OUT_DIR_KEY)
+        replace_entries(staging, Path(c.out_dir), EVALUATE_STAGE, EVALUATE_OUT_DIR_KEY)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_json(c.metrics_file, report)
@@ -299,12 +269,6 @@ def _extractors(params: Params, net_info: dict) -> tuple[dict, dict]:
     return extractors, inception
 
 
-def domain_extractor(featurenet_dir: str | Path, info: dict) -> dict:
-    """The featurenet as a Scorer extractor entry."""
-    weights = str(Path(featurenet_dir).resolve())
-    return {"name": FEATURENET, "weights": weights, "sha256": info["weights_sha256"]}
-
-
 def _protocol(params: Params, manifest: dict, extractors: dict, real: int, test: int) -> dict:
     """Everything that makes two candidates' numbers comparable. `ids` has one hash per
     feature extractor (its metrics are comparable when it matches), `id` one for all."""
@@ -339,35 +303,14 @@ def _as_float(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def _samples(generator, spec, n: int, config, label: int | None = None, seed=None):
-    return generate(
-        generator, n, spec.z_dim, spec.num_classes, config.seed if seed is None else seed,
-        label=label, batch_size=config.batch_size,
-    )  # fmt: skip
-
-
 def _ceiling(scorer: Scorer, spec, real, device, config) -> dict[str, float]:
     """FID of a freshly initialised generator of this architecture (the sanity ceiling)."""
     torch.manual_seed(config.seed)
     untrained = spec.build().eval().to(device)
     fid = scorer.score(
-        _samples(untrained, spec, config.num_samples, config), real, config.split, ("fid",)
+        sample_images(untrained, spec, config.num_samples, config), real, config.split, ("fid",)
     )
     return {f"fid_ceiling_{k[4:]}": v for k, v in fid.items()}
-
-
-def class_figures(net, fake: torch.Tensor, num_classes: int, real_labels) -> dict:
-    """Class coverage of the samples (featurenet predictions vs the real class frequencies);
-    for conditional generators also how often a sample shows its conditioning class."""
-    predicted = predict(net, _nhwc(fake))
-    classes = net.classifier.out_features
-    expected = np.bincount(real_labels, minlength=classes) / len(real_labels)
-    got = np.bincount(predicted, minlength=classes) / len(predicted)
-    figures = {"class_coverage_domain": float((got >= COVERAGE_SHARE * expected).mean())}
-    if num_classes:
-        conditioned = np.arange(len(fake)) % num_classes  # gan.sampling cycles the labels
-        figures["label_accuracy_domain"] = float((predicted == conditioned).mean())
-    return figures
 
 
 def _per_class_fid(scorer, generator, spec, real_pixels, real_labels, config) -> dict:
@@ -377,7 +320,7 @@ def _per_class_fid(scorer, generator, spec, real_pixels, real_labels, config) ->
         real = real_pixels[real_labels == label]
         if len(real) < 2:
             continue
-        fake = _samples(generator, spec, n, config, label, seed=mix_seed(config.seed, label))
+        fake = sample_images(generator, spec, n, config, label, seed=mix_seed(config.seed, label))
         values = scorer.score(
             fake, real_images(real), f"{config.split}-class{label}", ("fid",), only=("domain",)
         )
@@ -390,12 +333,8 @@ def _per_class_fid(scorer, generator, spec, real_pixels, real_labels, config) ->
 def _cas(fake, num_classes, test_pixels, test_labels, params: Params, device) -> dict:
     """Classification Accuracy Score: the featurenet recipe fitted on generated images only."""
     labels = np.arange(len(fake)) % num_classes
-    net = fit_classifier(_nhwc(fake), labels, num_classes, params.featurenet, device)
+    net = fit_classifier(to_nhwc(fake), labels, num_classes, params.featurenet, device)
     return {"cas_accuracy": float((predict(net, test_pixels) == test_labels).mean())}
-
-
-def _nhwc(fake: torch.Tensor) -> np.ndarray:
-    return quantize(fake).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _export(
@@ -404,9 +343,9 @@ def _export(
     """The candidate's sample grid and its generator, as the register stage packages it."""
     from torchvision.utils import save_image
 
-    grid = _samples(generator, spec, GRID_IMAGES, config)
-    (staging / SAMPLES).mkdir(exist_ok=True)
-    save_image(grid.add(1).div(2), staging / SAMPLES / f"{candidate.name}.png", nrow=8)
+    grid = sample_images(generator, spec, GRID_IMAGES, config)
+    (staging / EVALUATE_SAMPLES).mkdir(exist_ok=True)
+    save_image(grid.add(1).div(2), staging / EVALUATE_SAMPLES / f"{candidate.name}.png", nrow=8)
     save_generator(
         staging / GENERATORS / candidate.name, generator, spec, candidate=candidate.name,
         mlflow_run_id=candidate.mlflow_run_id, dataset_hash=manifest["dataset_hash"],
@@ -446,35 +385,8 @@ def _log_to_runs(uri: str, report: dict, out_dir: Path) -> None:
         client.set_tag(run_id, GAP_TAG, flagged + choice["gap"])
         client.set_tag(run_id, "ganpipe.eval.protocol_id", report["protocol"]["id"])
         client.set_tag(run_id, "ganpipe.eval.protocol", json_tag(report["protocol"]))
-        client.log_artifact(run_id, str(out_dir / SAMPLES / f"{name}.png"), "evaluate")
+        client.log_artifact(run_id, str(out_dir / EVALUATE_SAMPLES / f"{name}.png"), "evaluate")
 
 
 def _since(tick: float) -> float:
     return round(time.perf_counter() - tick, 3)
-
-
-class TrialEvaluator:
-    """The sweep's intermediate score, on rank 0 inside the training loop: FID and KID of
-    `sweep.eval_samples` EMA-generator images in featurenet features (real features from the
-    cache the sweep driver filled), and the class coverage of those images."""
-
-    KID_SUBSETS = 10  # a tenth of the final evaluation's: the trend matters, not the digits
-
-    def __init__(self, settings: dict):
-        self.samples = settings["eval_samples"]
-        pixels, self.labels = PreparedSplit(settings["prepared"], "train", verify=False).read()
-        self.real = real_images(pixels)
-        self.config = EvaluateParams(
-            num_samples=self.samples, kid_subset_size=min(self.samples, len(pixels), 1000),
-            kid_subsets=self.KID_SUBSETS, seed=settings["seed"], cache_dir=settings["cache_dir"],
-        )  # fmt: skip
-        self.net, info = load_featurenet(settings["featurenet"])
-        extractors = {"domain": domain_extractor(settings["featurenet"], info)}
-        self.scorer = Scorer(self.config, extractors, settings["dataset_hash"])
-
-    def __call__(self, generator, spec) -> dict[str, float]:
-        tick = time.perf_counter()
-        fake = _samples(generator, spec, self.samples, self.config)
-        scores = self.scorer.score(fake, self.real, "train", ("fid", "kid"))
-        scores |= class_figures(self.net, fake, spec.num_classes, self.labels)
-        return {**scores, "eval_seconds": time.perf_counter() - tick}

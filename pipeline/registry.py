@@ -33,7 +33,7 @@ from mlflow.types.schema import AnyType
 
 from gan.export import generator_digest, load_generator
 from gan.models import GeneratorSpec
-from pipeline.candidates import GENERATORS
+from pipeline.artifacts import GENERATORS
 from pipeline.config import RANKING_METRICS, Params, metric_extractor
 from pipeline.errors import RegistryError
 from pipeline.files import write_json

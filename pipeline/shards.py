@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DataError
 from pipeline.files import check_output_dir, replace_dir
 
 FORMAT = "ganpipe.images.v1"
@@ -39,10 +40,6 @@ MANIFEST = "manifest.json"
 IMAGE, LABEL = "image", "label"
 REPAIR_HINT = "re-run `dvc repro prepare` (or `dvc checkout` to restore the tracked version)"
 STAGE, OUT_DIR_KEY = "prepare", "prepare.out_dir"
-
-
-class DataError(ValueError):
-    """Prepared data is missing or damaged; the message names the file and the fix."""
 
 
 def shard_schema(shape: tuple[int, int, int]) -> pa.Schema:

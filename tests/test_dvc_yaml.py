@@ -2,13 +2,12 @@
 re-runs the stage, and a change elsewhere does not), params that exist in the schema, and
 plots and metrics that some stage writes."""
 
-import ast
-
 import pytest
 import yaml
 
 from pipeline.config import Params
 from tests.conftest import REPO_ROOT
+from tests.imports import imported, module_file
 
 STAGES = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())
 # The module each stage's `ganpipe` command calls (pipeline/cli.py only parses arguments and
@@ -20,29 +19,6 @@ ENTRY = {
     "evaluate": "pipeline.evaluate",
     "register": "pipeline.registry",
 }
-PACKAGES = ("pipeline", "gan")
-
-
-def module_file(name: str):
-    path = REPO_ROOT / (name.replace(".", "/") + ".py")
-    package = REPO_ROOT / name.replace(".", "/") / "__init__.py"
-    return path if path.is_file() else package if package.is_file() else None
-
-
-def imported(name: str) -> set[str]:
-    """Project modules `name` imports anywhere (lazy imports inside functions included)."""
-    found = set()
-    for node in ast.walk(ast.parse(module_file(name).read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-        else:
-            continue
-        found |= {n for n in names if n.split(".")[0] in PACKAGES and module_file(n)}
-    return found
-
-
 def code_of(entry: str) -> set[str]:
     """The files (and, for gan/, the package) a stage's code is made of."""
     seen, todo = set(), [entry]

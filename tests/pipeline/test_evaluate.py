@@ -17,27 +17,28 @@ from PIL import Image
 from gan.export import load_generator
 from gan.models import GeneratorSpec
 from gan.sampling import generate
-from pipeline.candidates import RESULT, generator_from_checkpoint
+from pipeline.artifacts import RESULT
+from pipeline.candidates import generator_from_checkpoint
 from pipeline.checkpoint import TrainingState, save_checkpoint
 from pipeline.cli import main
 from pipeline.config import validate_params
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
 from pipeline.evaluate import (
-    Scorer,
     _cas,
     _extractors,
     _per_class_fid,
     choose_generator,
-    class_figures,
     evaluate,
     prepared_generator,
 )
 from pipeline.featurenet import load_featurenet, read_featurenet_info, train_featurenet
 from pipeline.fidelity import FEATURENET
 from pipeline.prepare import prepare
+from pipeline.scoring import Scorer, class_figures
 from pipeline.shards import read_manifest
-from pipeline.train import build_models, run_identity
+from pipeline.training.identity import run_identity
+from pipeline.training.loop import build_models
 from tests.conftest import tree_digest
 
 

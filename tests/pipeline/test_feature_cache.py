@@ -7,6 +7,7 @@ names and the files the cache writes); scoring must never create the marker and 
 figures of an uncached computation. Damaged or tampered entries are recomputed, with a warning.
 """
 
+import dataclasses
 import logging
 import re
 
@@ -18,10 +19,10 @@ from safetensors.torch import save_file
 from gan.models import GeneratorSpec
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
-from pipeline.evaluate import Scorer, TrialEvaluator, domain_extractor
 from pipeline.featurenet import read_featurenet_info, train_featurenet
 from pipeline.fidelity import FEATURENET, compute, generated_images, real_images
 from pipeline.prepare import prepare
+from pipeline.scoring import Scorer, TrialEvaluator, TrialScoring, domain_extractor
 from pipeline.shards import read_manifest
 from tests.pipeline.test_evaluate import old_torch_fidelity_names, plant
 from tests.pipeline.test_featurenet import digits_params
@@ -89,15 +90,17 @@ def test_the_sweep_trial_scorer_never_runs_a_planted_pickle(setup, tmp_path):
     root, pixels, _, dataset_hash = setup
     cache, marker = tmp_path / "cache", tmp_path / "payload-ran"
     sha = read_featurenet_info(root / "featurenet")["weights_sha256"]
-    settings = {
-        "eval_samples": 200, "prepared": str(root / "prepared"), "seed": 0,
-        "featurenet": str((root / "featurenet").resolve()), "cache_dir": str(cache),
-        "dataset_hash": dataset_hash,
-    }  # fmt: skip
+    settings = TrialScoring(
+        eval_samples=200, prepared=str(root / "prepared"), seed=0,
+        featurenet=str((root / "featurenet").resolve()), cache_dir=str(cache),
+        dataset_hash=dataset_hash,
+    )  # fmt: skip
     spec = GeneratorSpec("dcgan", 1, 8, 8, 8)
     torch.manual_seed(0)
     generator = spec.build().eval()
-    clean = TrialEvaluator({**settings, "cache_dir": str(tmp_path / "clean")})(generator, spec)
+    clean = TrialEvaluator(dataclasses.replace(settings, cache_dir=str(tmp_path / "clean")))(
+        generator, spec
+    )
     filled = sorted(p.name for p in (tmp_path / "clean").iterdir())
     for name in {*filled, *old_torch_fidelity_names(dataset_hash, sha)}:
         plant(cache / name, marker)

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import validate_params
 from pipeline.featurenet import train_featurenet
 from pipeline.prepare import prepare
-from pipeline.sweep import InstabilityStopper, stability_table, trial_params, tune_space
+from pipeline.training.sweep import InstabilityStopper, stability_table, trial_params, tune_space
 
 
 def sweep_params(root, space, **sweep):
@@ -86,7 +86,7 @@ def test_stopper_labels_why_a_trial_ends(tmp_path, results, reason):
 
 
 def test_a_sweep_is_unfinished_while_a_trial_runs_or_has_not_started():
-    from pipeline.sweep import sweep_unfinished
+    from pipeline.training.sweep import sweep_unfinished
 
     assert not sweep_unfinished(["TERMINATED", "ERROR", "TERMINATED"], 3)
     assert sweep_unfinished(["TERMINATED", "RUNNING", "PENDING"], 3)
@@ -119,7 +119,7 @@ def ray_session():
 
 def test_trials_at_once_never_ask_for_more_cpus_than_the_cluster_has(tmp_path, ray_session):
     from pipeline.errors import SweepError
-    from pipeline.sweep import _concurrency
+    from pipeline.training.sweep import _concurrency
 
     space = {"train.lr_g": {"type": "choice", "values": [1e-4]}}
 
@@ -235,7 +235,7 @@ def test_an_exploited_checkpoint_trains_on_with_this_trials_learning_rates(tmp_p
     """PBT's trap: restoring an optimiser state dict brings the source trial's lr along."""
     from gan.ema import GeneratorEMA
     from gan.step import GANTrainState
-    from pipeline.train import _apply_hyperparameters
+    from pipeline.training.loop import _apply_hyperparameters
 
     params = validate_params({"train": {"lr_g": 3e-4, "lr_d": 5e-4, "beta1": 0.5, "beta2": 0.9}})
     g, d = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
@@ -254,7 +254,7 @@ def test_a_ray_without_its_dashboard_is_refused_instead_of_hanging(tmp_path):
     code = (
         "import ray, sys\n"
         "from pipeline.errors import SweepError\n"
-        "from pipeline.sweep import _check_stoppable\n"
+        "from pipeline.training.sweep import _check_stoppable\n"
         "from tests.pipeline.test_sweep import sweep_params\n"
         "from pathlib import Path\n"
         'ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)\n'
@@ -295,7 +295,7 @@ def test_optuna_search_proposes_the_trials(tmp_path, prepared_root, ray_session)
     [({}, [20]), ({"grace_period": 10, "reduction_factor": 2}, [40, 20, 10])],
 )
 def test_asha_rungs_follow_grace_period_and_reduction_factor(tmp_path, options, milestones):
-    from pipeline.sweep import _scheduler
+    from pipeline.training.sweep import _scheduler
 
     space = {"train.seed": {"type": "grid", "values": [0, 1]}}
     scheduler = _scheduler(sweep_params(tmp_path, space, **options))  # steps 40, eval_every 20
@@ -305,7 +305,7 @@ def test_asha_rungs_follow_grace_period_and_reduction_factor(tmp_path, options, 
 def test_random_search_is_seeded_by_train_seed(tmp_path):
     """The same params draw the same trials (a resumed or repeated sweep, a benchmark's two
     arms); another train.seed draws others."""
-    from pipeline.sweep import _search
+    from pipeline.training.sweep import _search
 
     space = {
         "train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
@@ -327,7 +327,7 @@ def test_random_search_is_seeded_by_train_seed(tmp_path):
 
 @pytest.mark.parametrize("search", ["random", "optuna"])
 def test_the_searcher_starts_no_more_trials_than_run_at_once(tmp_path, search):
-    from pipeline.sweep import _search
+    from pipeline.training.sweep import _search
 
     space = {"train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2}}
     params = sweep_params(tmp_path, space, search=search)

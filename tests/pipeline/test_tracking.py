@@ -6,17 +6,17 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.train import _log_metrics
+from pipeline.training.tracker import RunRef, RunTracker
 
 REPORTS, METRICS = 60, 12
 
 
 def _report(uri: str, run_id: str, errors) -> None:
-    """What a sweep trial's rank 0 does at every report (pipeline.train._log_metrics)."""
-    config = {"tracking_uri": uri, "mlflow_run_id": run_id}
+    """What a sweep trial's rank 0 does at every report (RunTracker.log_metrics)."""
+    tracker = RunTracker(RunRef(uri, run_id))
     for step in range(1, REPORTS + 1):
         try:
-            _log_metrics(config, {f"m{k}": step * 0.5 + k for k in range(METRICS)}, step)
+            tracker.log_metrics({f"m{k}": step * 0.5 + k for k in range(METRICS)}, step)
         except Exception as exc:  # counted, so the test shows what went wrong
             errors.put(repr(exc))
 

@@ -14,7 +14,13 @@ from pipeline.candidates import generator_spec
 from pipeline.checkpoint import WEIGHTS
 from pipeline.config import validate_params
 from pipeline.prepare import prepare
-from pipeline.train import ResumeMismatchError, check_same_run, run_identity, run_name
+from pipeline.training.faults import FaultPlan, drill
+from pipeline.training.identity import (
+    ResumeMismatchError,
+    check_same_run,
+    run_identity,
+    run_name,
+)
 
 
 def tiny_params(tmp_path, name, **train):
@@ -66,7 +72,7 @@ def test_checkpoint_scratch_removes_what_dead_workers_left_and_keeps_live_ones(
     import sys
     import tempfile
 
-    from pipeline.train import SCRATCH_PREFIX, checkpoint_scratch
+    from pipeline.training.checkpoints import SCRATCH_PREFIX, checkpoint_scratch
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -110,7 +116,8 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
     steady = tiny_params(tmp_path, "steady", n_critic=2, batch_size=64)
     faulty = tiny_params(tmp_path, "faulty", n_critic=2, batch_size=64)
     a = train(steady)
-    b = train(faulty, faults={"exit_rank": 1, "exit_at_step": 6, "marker": str(tmp_path / "died")})
+    with drill(FaultPlan(exit_rank=1, exit_at_step=6, marker=str(tmp_path / "died"))):
+        b = train(faulty)
     assert (tmp_path / "died").exists()  # the worker really died once
     assert a["steps"] == b["steps"] == 12 and not a["diverged"] and not b["diverged"]
     weights_a, weights_b = final_weights(steady), final_weights(faulty)
@@ -152,7 +159,8 @@ def test_a_diverged_run_keeps_its_last_good_checkpoint_and_a_rerun_resumes_from_
     one_worker = tiny_params(tmp_path, "nan").model_dump(mode="json")
     one_worker["ray"]["num_workers"] = 1  # the path without a DDP wrapper
     params = validate_params(one_worker)
-    result = train(params, faults={"nan_at_step": 6})
+    with drill(FaultPlan(nan_at_step=6)):
+        result = train(params)
     assert result["diverged"] and result["diverged_at_step"] == 6
     saved = json.loads((tmp_path / "nan" / "out" / "result.json").read_text())
     assert saved["diverged_at_step"] == 6
@@ -436,8 +444,10 @@ def test_a_killed_driver_leaves_no_ray_process_nor_open_port_and_its_run_is_clos
 
 
 def test_a_train_out_dir_holding_what_ganpipe_did_not_write_is_refused_before_any_work(tmp_path):
+    from pipeline.artifacts import TRAIN_OUTPUTS as OUTPUTS
     from pipeline.files import OutputError
-    from pipeline.train import OUTPUTS, check_train_outputs, train
+    from pipeline.train import train
+    from pipeline.training.outputs import check_train_outputs
 
     params = tiny_params(tmp_path, "user")  # no prepared data: the check comes first
     out = Path(params.train.out_dir)

@@ -1,9 +1,9 @@
 """The train stage as a Ray Tune sweep, when params.yaml has a `sweep.space`.
 
-Every trial is a full Ray Train DDP run (`pipeline.train`), started from a Tune function
+Every trial is a full Ray Train DDP run (pipeline.training.run.fit), started from a Tune function
 trainable whose TorchTrainer forwards its reports to Tune (TuneReportCallback: Train V2 runs
 cannot be Tune trainables themselves). Trials report every `sweep.eval_every` steps with the
-domain FID/KID of `sweep.eval_samples` EMA samples (pipeline.evaluate.TrialEvaluator), so the
+domain FID/KID of `sweep.eval_samples` EMA samples (pipeline.scoring.TrialEvaluator), so the
 scheduler (ASHA, or FIFO) and the instability stopper act on image quality:
 
 - diverged:      a non-finite loss or gradient (gan.step stops every rank at the same step)
@@ -26,28 +26,32 @@ sample grid.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.candidates import BEST_PARAMS
-from pipeline.cluster import (
-    close_runs_if_killed,
-    connect,
-    join,
-    local_checkpoint,
-    read_json,
-    save_json,
-    storage_root,
-    use_gpu,
-)
+from pipeline.artifacts import candidate_record
+from pipeline.cluster import join, local_checkpoint, read_json, save_json, use_gpu
 from pipeline.config import Choice, Grid, Params, Uniform
 from pipeline.errors import SweepError
-from pipeline.files import replace_entries, staging_dir, write_json
-from pipeline.params_yaml import dump_yaml
+from pipeline.scoring import TrialEvaluator, TrialScoring
+from pipeline.training.identity import run_name
+from pipeline.training.loop import train_loop
+from pipeline.training.outputs import write_train_outputs
+from pipeline.training.run import (
+    Setup,
+    connect_and_tidy,
+    fit,
+    open_mlflow_run,
+    prepare_training,
+    tracked_run,
+)
+from pipeline.training.sessions import TuneSession
+from pipeline.training.tracker import DIVERGED_REASON_TAG, DIVERGED_TAG, RunRef
+from pipeline.training.worker_config import WorkerConfig
 
 STOP_REASONS = "stop_reasons.json"
 SWEEP_TAG = "ganpipe.sweep_name"  # on the trials' runs
@@ -225,17 +229,6 @@ def run_trial(config: dict, context: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipeline.tracking import RUN_NAME_TAG, experiment_id, reopen_run, unfinished_run
-    from pipeline.train import (
-        DIVERGED_REASON_TAG,
-        DIVERGED_TAG,
-        TuneSession,
-        _fit,
-        _for_workers,
-        open_mlflow_run,
-        run_identity,
-        run_name,
-        train_loop,
-    )
 
     params = trial_params(context["base"], config, context["eval_every"])
     dataset, trial_id = context["dataset_hash"], tune.get_context().get_trial_id()
@@ -253,53 +246,31 @@ def run_trial(config: dict, context: dict) -> None:
         reopen_run(client, run_id, clear_tags=(DIVERGED_TAG, DIVERGED_REASON_TAG))
     else:
         run_id = open_mlflow_run(client, params, name, dataset, tags)
-    worker_config = {
-        "params": _for_workers(params),
-        "identity": run_identity(params, dataset),
-        "tracking_uri": context["tracking_uri"],
-        "mlflow_run_id": run_id,
-        "trial_eval": context["trial_eval"],
-        "pbt": context["pbt"],
-    }
+    worker = WorkerConfig.build(
+        params, dataset, RunRef(context["tracking_uri"], run_id), context["scoring"],
+        pbt=context["pbt"],
+    )  # fmt: skip
     if context["pbt"]:
-        train_loop(worker_config, TuneSession())
+        train_loop(worker, TuneSession())
     else:
-        _fit(params, name, context["storage"], worker_config, callbacks=[TuneReportCallback()])
+        fit(params, name, context["storage"], worker, callbacks=[TuneReportCallback()])
 
 
 def sweep(params: Params) -> dict:
     """Run (or resume) the sweep; write the outputs the evaluate stage reads."""
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from pipeline.data import check_labels_for_model, check_split_fits_batch
-    from pipeline.shards import verify_prepared
-    from pipeline.tracking import (
-        check_reachable,
-        close_abandoned_runs,
-        experiment_id,
-        git_commit,
-        tracking_uri,
-    )
-    from pipeline.train import check_train_outputs, graceful_signals
+    from pipeline.tracking import git_commit
 
-    check_train_outputs(params)
-    manifest = verify_prepared(params.prepare.out_dir, ["train"])
-    check_labels_for_model(manifest, params.model.conditional)
-    check_split_fits_batch(manifest, params.train.batch_size, params.ray.num_workers)
-    dataset = manifest["dataset_hash"]
+    setup = prepare_training(params)
+    dataset, storage, uri, client = (
+        setup.dataset_hash, setup.storage, setup.tracking_uri, setup.client
+    )  # fmt: skip
     name = sweep_name(params, dataset)
-    storage = storage_root(params)
-    uri = tracking_uri(params)
-    check_reachable(uri)
-    client = MlflowClient(uri)
-    trial_eval = trial_eval_settings(params, dataset)
-    _fill_real_cache(trial_eval)  # and fails now, not in every trial, without a featurenet
-    connect(params)
+    scoring = TrialScoring.of(params, dataset)
+    TrialEvaluator(scoring).fill_real_cache()  # and fails now, not in every trial
+    experiment = connect_and_tidy(setup)
     _check_stoppable(params)
-    experiment = experiment_id(client, params.tracking.experiment)
-    close_abandoned_runs(client, experiment)
-    close_runs_if_killed(uri, experiment)
     path = join(storage, name)
     restoring = tune.Tuner.can_restore(path)
     parent = _parent_run(client, params, name, dataset, experiment, git_commit, restoring)
@@ -312,17 +283,17 @@ def sweep(params: Params) -> dict:
         "parent_run_id": parent,
         "sweep_name": name,
         "storage": storage,
-        "trial_eval": trial_eval,
+        "scoring": scoring,
         "pbt": params.sweep.scheduler == "pbt",
     }
-    context["base"]["prepare"]["out_dir"] = trial_eval["prepared"]
+    context["base"]["prepare"]["out_dir"] = scoring.prepared
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, context=context), _trial_resources(params)
     )
     s = params.sweep
     reasons_file = join(storage, f"{name}-{STOP_REASONS}")
     stopper = InstabilityStopper(reasons_file, s.patience, s.collapse_margin, s.min_class_coverage)
-    try:
+    with tracked_run(client, parent, "sweep"):
         if restoring:
             tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -340,34 +311,13 @@ def sweep(params: Params) -> dict:
                     name=name, storage_path=storage, stop=stopper.stopper, verbose=1
                 ),
             )
-        with graceful_signals():
-            grid = tuner.fit()
+        grid = tuner.fit()
         if _unfinished(path, s.total_trials):  # on SIGINT Tune saves its state and returns
             raise KeyboardInterrupt(f"sweep interrupted; `dvc repro` resumes it from {path}")
         # A restored sweep stops with the stopper saved in its state: read what it wrote.
         reasons = read_json(reasons_file) or {}
-        summary = _summarize(params, grid, reasons, name, parent, client, dataset, experiment)
-    except (KeyboardInterrupt, SystemExit):
-        client.set_terminated(parent, status="KILLED")
-        raise KeyboardInterrupt("sweep interrupted") from None
-    except BaseException:
-        client.set_terminated(parent, status="FAILED")
-        raise
-    client.set_terminated(parent, status="FINISHED")
+        summary = _summarize(setup, grid, reasons, name, parent, experiment)
     return summary
-
-
-def trial_eval_settings(params: Params, dataset_hash: str, eval_samples: int | None = None):
-    """What pipeline.evaluate.TrialEvaluator needs, with absolute paths (trials run elsewhere);
-    `eval_samples` defaults to sweep.eval_samples."""
-    return {
-        "eval_samples": eval_samples or params.sweep.eval_samples,
-        "prepared": str(Path(params.prepare.out_dir).resolve()),
-        "featurenet": str(Path(params.featurenet.out_dir).resolve()),
-        "cache_dir": str(Path(params.evaluate.cache_dir).resolve()),
-        "seed": params.evaluate.seed,
-        "dataset_hash": dataset_hash,
-    }
 
 
 def _unfinished(path: str, total_trials: int) -> bool:
@@ -384,15 +334,6 @@ def sweep_unfinished(statuses: list[str], total_trials: int) -> bool:
     only ended trials, and is still an interrupt."""
     ended = sum(status in ("TERMINATED", "ERROR") for status in statuses)
     return ended < max(len(statuses), total_trials)
-
-
-def _fill_real_cache(trial_eval: dict) -> None:
-    """Compute the real train split's featurenet features once, before trials read them."""
-    from pipeline.evaluate import TrialEvaluator
-
-    evaluator = TrialEvaluator(trial_eval)
-    some = evaluator.real.images[:16].float().div(127.5).sub(1)  # any images will do
-    evaluator.scorer.score(some, evaluator.real, "train", ("fid",))
 
 
 def _parent_run(client, params, name, dataset, experiment, git_commit, restoring: bool) -> str:
@@ -414,13 +355,9 @@ def _parent_run(client, params, name, dataset, experiment, git_commit, restoring
     return run.info.run_id
 
 
-def _summarize(
-    params: Params, grid, reasons: dict, name: str, parent: str, client, dataset: str,
-    experiment: str,
-) -> dict:  # fmt: skip
+def _summarize(setup: Setup, grid, reasons: dict, name: str, parent: str, experiment: str) -> dict:
     """Per-trial table, stability table, candidates, best_params.yaml, MLflow stop tags."""
-    from pipeline.train import CANDIDATES, run_name
-
+    params, client, dataset = setup.params, setup.client, setup.dataset_hash
     base = params.model_dump(mode="json")
 
     def child_run(trial_run: str | None) -> str | None:
@@ -470,13 +407,10 @@ def _summarize(
             client.set_tag(run_id, STOP_TAG, trial["stop_reason"])
             failed = trial["stop_reason"] == "diverged"
             client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+    best = ranked[: params.sweep.top_k]
     candidates = [
-        {
-            "name": t["run_name"], "checkpoint": f"{CANDIDATES}/{t['run_name']}",
-            "mlflow_run_id": child_run(t["run_name"]), "diverged": False, "steps": t["steps"],
-        }
-        for t in ranked[: params.sweep.top_k]
-    ]  # fmt: skip
+        candidate_record(t["run_name"], child_run(t["run_name"]), t["steps"]) for t in best
+    ]
     summary = {
         "sweep_name": name,
         "mlflow_run_id": parent,
@@ -485,42 +419,20 @@ def _summarize(
         "stability": stability_table(trials),
         "trial_steps": sum(t.get("steps", 0) for t in trials),
     }
-    _write_outputs(Path(params.train.out_dir), summary, ranked, base, storage_root(params))
+    local = [functools.partial(local_checkpoint, t["checkpoint"], setup.storage) for t in best]
+    write_train_outputs(Path(params.train.out_dir), summary, local, _best_params(base, ranked))
     return summary
 
 
-def _write_outputs(out: Path, summary: dict, ranked: list[dict], base: dict, storage: str) -> None:
-    """Candidates, the best trial's history, grid and params, and result.json, each replacing
-    its earlier version only once all are written."""
-    from pipeline.train import (
-        CANDIDATES,
-        HISTORY,
-        OUT_DIR_KEY,
-        RESULT,
-        SAMPLES,
-        STAGE,
-        earlier_train_outputs,
-    )
-
-    staging = staging_dir(out)
-    try:
-        (staging / CANDIDATES).mkdir()
-        for rank, (candidate, trial) in enumerate(zip(summary["candidates"], ranked, strict=False)):
-            with local_checkpoint(trial["checkpoint"], storage) as checkpoint:
-                shutil.copytree(checkpoint, staging / candidate["checkpoint"])
-                for file in (HISTORY, SAMPLES) if rank == 0 else ():
-                    if (checkpoint / file).is_file():
-                        shutil.copy(checkpoint / file, staging / file)
-        if ranked:
-            best = {k: v for k, v in copy.deepcopy(base).items() if k != "sweep"}
-            for key, value in ranked[0]["config"].items():
-                section, field = key.split(".", 1)
-                best[section][field] = value
-            (staging / BEST_PARAMS).write_text(dump_yaml(best))
-        write_json(staging / RESULT, summary)
-        replace_entries(staging, out, STAGE, OUT_DIR_KEY, earlier_train_outputs)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def _best_params(base: dict, ranked: list[dict]) -> dict | None:
+    """params.yaml with the best trial's values, without the sweep (None: no trial finished)."""
+    if not ranked:
+        return None
+    best = {k: v for k, v in copy.deepcopy(base).items() if k != "sweep"}
+    for key, value in ranked[0]["config"].items():
+        section, field = key.split(".", 1)
+        best[section][field] = value
+    return best
 
 
 def stability_table(trials: list[dict]) -> list[dict]:
