@@ -135,7 +135,10 @@ def spec_from_dict(data, where: str | Path) -> GeneratorSpec:
         low = MIN_VALUE.get(key, 1)
         if kind is int and not low <= value <= MAX_VALUE:
             raise ExportError(f"{where}: spec key {key!r} is {value}, expected {low}..{MAX_VALUE}")
-    return GeneratorSpec(**data)
+    try:
+        return GeneratorSpec(**data)
+    except (ValueError, NotImplementedError) as exc:
+        raise ExportError(f"{where}: {exc}") from None
 
 
 def load_generator(

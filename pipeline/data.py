@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from gan.tasks import Task, get_task, task_for
 from pipeline.shards import IMAGE, LABEL, DataError, read_manifest, verify_prepared
 
 Tensor = torch.Tensor
@@ -91,9 +92,22 @@ def rank_rows(num_rows: int, rank: int, world_size: int, seed: int, epoch: int) 
     return padded[rank::world_size]
 
 
-def check_labels_for_model(manifest: dict, conditional: bool) -> None:
-    """A conditional model needs labels of at least two classes in the train split."""
-    if not conditional:
+def data_task(manifest: dict) -> Task:
+    """The task the prepared data was made for (manifests from before tasks: by its labels)."""
+    return get_task(manifest.get("task") or task_for(bool(manifest.get("class_names"))).name)
+
+
+def check_data_for_task(manifest: dict, task: Task) -> None:
+    """The prepared data carries what `task` conditions on: a class-conditional model needs
+    labels of at least two classes in the train split."""
+    task.check_available()
+    missing = [c for c in task.columns if c not in data_task(manifest).columns]
+    if missing and task.condition != "label":
+        raise DataError(
+            f"task {task.name} needs prepared data with {', '.join(missing)} per image; the "
+            f"prepared data is for task {data_task(manifest).name}: prepare it for {task.name}"
+        )
+    if task.condition != "label":
         return
     counts = manifest["splits"].get("train", {}).get("class_counts", {})
     classes = [c for c in counts if int(c) >= 0]

@@ -129,8 +129,10 @@ def evaluate(params: Params) -> dict:
             if spec not in ceilings:  # an untrained generator of this architecture
                 ceilings[spec] = _ceiling(scorer, spec, real, device, c)
             scores = scores | ceilings[spec]
-            if spec.num_classes and net is not None:
+            figures = spec.task_entry.metrics  # what applies to the task (gan.tasks)
+            if "per_class_fid" in figures and net is not None:
                 scores |= _per_class_fid(scorer, generator, spec, real_pixels, real_labels, c)
+            if "cas" in figures and net is not None:
                 scores |= _cas(fake, spec.num_classes, test_pixels, test_labels, params, device)
             timings[f"candidate_s.{candidate.name}"] = _since(tick)
             if choice["gap_flagged"]:

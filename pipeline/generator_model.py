@@ -51,7 +51,6 @@ DIGEST_KEY = "ganpipe_generator_digest"  # the same digest in the MLmodel metada
 
 MAX_IMAGES = 1024  # per request: bounds the memory and time one request can take
 CYCLE = -1  # the label value that means "cycle through the classes"
-COLUMNS = ("num_images", "seed", "label")  # label is optional
 SEED_RANGE = (-(1 << 63), (1 << 63) - 1)  # what torch.Generator.manual_seed takes
 # A ganpipe model directory holds MLmodel, the YAML that MLflow writes when it downloads a
 # models:/ URI, and files with these suffixes, nothing else: no Python, no pickle, no native
@@ -189,7 +188,8 @@ def _count(value, what: str, low: int, high: int, hint: str = "") -> int:
 def check_requests(model_input: pd.DataFrame, spec: GeneratorSpec) -> list[tuple]:
     """(num_images, seed, label or None) for every row, once every row and the total are
     known to be answerable; ValueError naming the record and the value otherwise."""
-    missing = [c for c in COLUMNS[:2] if c not in model_input.columns]
+    required = [f.name for f in spec.task_entry.request if f.required]
+    missing = [c for c in required if c not in model_input.columns]
     if missing:
         raise ValueError(
             f"missing column(s) {', '.join(missing)}: each record has num_images, seed and "

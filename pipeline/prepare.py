@@ -7,8 +7,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from gan.tasks import task_for
 from pipeline.config import Params
-from pipeline.data import check_labels_for_model
+from pipeline.data import check_data_for_task
 from pipeline.shards import check_out_dir, write_prepared
 from pipeline.sources import BACKGROUND, check_split_sizes, load_source
 
@@ -34,7 +35,7 @@ def prepare(params: Params, progress: bool = True) -> dict:
         }
         rows = {name: split["rows"] for name, split in manifest["splits"].items()}
         check_split_sizes(rows, p, skipped=len(source.skipped))
-        check_labels_for_model(manifest, params.model.conditional)
+        check_data_for_task(manifest, task_for(params.model.conditional))
         _note(manifest, params)
 
     items = tqdm(
@@ -48,6 +49,8 @@ def prepare(params: Params, progress: bool = True) -> dict:
         "source": p.source,
         "params": p.model_dump(mode="json"),
         "class_names": source.class_names,
+        # what each row carries besides its image (gan.tasks): labels, when the data has classes
+        "task": task_for(bool(source.class_names)).name,
     }
     shape = (p.resolution, p.resolution, p.channels)
     return write_prepared(items, Path(p.out_dir), shape, p.shard_rows, describe, finish)

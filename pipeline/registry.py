@@ -70,6 +70,7 @@ def register(params: Params) -> dict:
     client = open_registry(uri)
     tags = _version_tags(candidate, scores, info, report["protocol"], cfg.metric)
     tags[DIGEST_TAG] = digest
+    tags[TAG + "task"] = spec.task
     description = _description(candidate, scores, cfg.metric, tags[GENERATOR_TAG])
     try:
         version = _find_version(client, cfg.model_name, digest)
@@ -199,11 +200,8 @@ def _signature(spec: GeneratorSpec) -> ModelSignature:
 
     The columns are typed `any`: MLflow would cast a declared `long` column (2.5 -> 2,
     true -> 1, "3" -> 3) before the model sees it; the model checks each value itself."""
-    inputs = Schema([
-        ColSpec(AnyType(), "num_images"),
-        ColSpec(AnyType(), "seed"),
-        ColSpec(AnyType(), "label", required=False),
-    ])  # fmt: skip
+    request = spec.task_entry.request  # what a request of the task carries (gan.tasks)
+    inputs = Schema([ColSpec(AnyType(), f.name, required=f.required) for f in request])
     shape = (-1, spec.channels, spec.resolution, spec.resolution)
     return ModelSignature(inputs, Schema([TensorSpec(np.dtype(np.float32), shape)]))
 

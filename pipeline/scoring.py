@@ -101,7 +101,7 @@ def class_figures(net, fake: torch.Tensor, num_classes: int, real_labels) -> dic
     expected = np.bincount(real_labels, minlength=classes) / len(real_labels)
     got = np.bincount(predicted, minlength=classes) / len(predicted)
     figures = {"class_coverage_domain": float((got >= COVERAGE_SHARE * expected).mean())}
-    if num_classes:
+    if num_classes:  # the class-conditional task's label_accuracy
         conditioned = np.arange(len(fake)) % num_classes  # gan.sampling cycles the labels
         figures["label_accuracy_domain"] = float((predicted == conditioned).mean())
     return figures

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gan.tasks import TASKS
 from pipeline.errors import DataError
 from pipeline.files import check_output_dir, replace_dir
 
@@ -259,6 +260,7 @@ def _short(value, limit: int = 80) -> str:
 MANIFEST_KEYS = {
     "shape": (_is_shape, "[height, width, channels] (positive integers)", False),
     "class_names": (_is_names, "a list of strings", True),
+    "task": (lambda v: v in TASKS, f"one of {', '.join(TASKS)}", True),
     "dataset_hash": (_is_text, "a string", False),
     "splits": (lambda v: isinstance(v, dict), "an object of splits", False),
 }

@@ -11,8 +11,12 @@ from gan.models.layers import ConditionalBatchNorm2d
 from gan.models.mlp import MLPDiscriminator, MLPGenerator
 from gan.models.resnet import ResNetDiscriminator, ResNetGenerator
 from gan.regularizers import apply_spectral_norm
+from gan.tasks import Task, get_task, task_for
 
 FAMILIES = ("mlp", "dcgan", "resnet")
+# The conditions (gan.tasks.CONDITIONS) each family's networks take: a new task runs on the
+# families that list its condition.
+FAMILY_CONDITIONS = {family: ("none", "label") for family in FAMILIES}
 
 __all__ = [
     "D_NORMS",
@@ -92,6 +96,23 @@ class GeneratorSpec:
     num_classes: int = 0
     mlp_depth: int = 3
     spectral_norm: bool = False
+    task: str = ""  # a key of gan.tasks.TASKS; "" (specs saved before tasks): from num_classes
+
+    def __post_init__(self):
+        task = get_task(self.task) if self.task else task_for(self.num_classes > 0)
+        task.check_available()
+        if task.condition not in FAMILY_CONDITIONS.get(self.family, (task.condition,)):
+            raise ValueError(f"model family {self.family!r} does not take task {task.name!r}")
+        if (task.condition == "label") != (self.num_classes > 0):
+            raise ValueError(
+                f"task {task.name} with num_classes {self.num_classes}: a class-conditional "
+                "generator has classes, others have none"
+            )
+        object.__setattr__(self, "task", task.name)
+
+    @property
+    def task_entry(self) -> Task:
+        return get_task(self.task)
 
     def build(self) -> nn.Module:
         return build_generator(

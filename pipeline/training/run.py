@@ -10,6 +10,7 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from gan.tasks import task_for
 from pipeline.cluster import (
     close_runs_if_killed,
     connect,
@@ -18,7 +19,7 @@ from pipeline.cluster import (
     use_gpu,
 )
 from pipeline.config import Params, flatten
-from pipeline.data import check_labels_for_model, check_split_fits_batch
+from pipeline.data import check_data_for_task, check_split_fits_batch
 from pipeline.recipes import recipe_for
 from pipeline.shards import verify_prepared
 from pipeline.training.identity import ResumeMismatchError, check_same_run
@@ -52,7 +53,7 @@ def prepare_training(params: Params) -> Setup:
 
     check_train_outputs(params)
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
-    check_labels_for_model(manifest, params.model.conditional)
+    check_data_for_task(manifest, task_for(params.model.conditional))
     check_split_fits_batch(manifest, params.train.batch_size, params.ray.num_workers)
     uri = tracking_uri(params)
     check_reachable(uri)
