@@ -8,7 +8,6 @@ JSON is read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from gan.models import GeneratorSpec
 from pipeline.checkpoint import CheckpointError, read_checkpoint
+from pipeline.files import read_stage_json
 from pipeline.shards import DataError
 
 RESULT = "result.json"
@@ -48,12 +48,7 @@ def list_candidates(train_out: str | Path) -> list[Candidate]:
     """The candidates in the train stage's result.json, with absolute checkpoint paths."""
     train_out = Path(train_out)
     path = train_out / RESULT
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: run the train stage first (dvc repro train)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run the train stage") from None
+    result = read_stage_json(path, "train", DataError)
     candidates = [
         Candidate(
             name=c["name"],

@@ -1,5 +1,7 @@
-"""Atomic file and directory replacement, so a failed or interrupted stage leaves the previous
-outputs (or nothing), never a half-written file or directory.
+"""How stages write their outputs and read each other's: atomic file and directory replacement,
+so a failed or interrupted stage leaves the previous outputs (or nothing), never a half-written
+file or directory; and `read_stage_json`, which turns a stage's JSON output that is missing or
+damaged into an error that names the file and the stage to re-run.
 
 Ownership: a stage replaces only what it wrote. Every directory a stage writes into holds
 OWNER_FILE, a JSON record of the entries ganpipe wrote there and which stage wrote each:
@@ -185,3 +187,30 @@ def atomic_path(path: str | Path):
 def write_json(path: str | Path, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (object, list, string, boolean, null, number)."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(
+        type(value), "null" if value is None else "number"
+    )
+
+
+def read_stage_json(path: str | Path, stage: str, error: type[Exception]) -> dict:
+    """The JSON object in `path`, a file the `stage` stage writes. A file that is missing,
+    unreadable, not JSON (or not UTF-8) or not a JSON object raises `error`, the caller's own
+    exception class (the CLI maps it to an exit code), with a message naming the file, what is
+    wrong and the fix: `dvc repro <stage>`."""
+    path = Path(path)
+    fix = f"re-run the {stage} stage (dvc repro {stage})"
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise error(f"{path} is missing: run the {stage} stage first (dvc repro {stage})") from None
+    except OSError as exc:  # a directory, no permission
+        raise error(f"{path} cannot be read ({exc.strerror}): {fix}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise error(f"{path} is not valid JSON ({exc}): {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got a {_json_type(data)}: {fix}")
+    return data
