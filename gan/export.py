@@ -40,6 +40,8 @@ class ExportError(ValueError):
 
 
 def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file's bytes as 64 hex digits, read 1 MiB at a time (the one copy:
+    checkpoints, shards, featurenets and exported generators all use it)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

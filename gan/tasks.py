@@ -98,18 +98,30 @@ TASKS = {
     for task in (
         Task("unconditional", "none", (), False, (COUNT, SEED, LABEL), ()),
         Task(
-            "class_conditional", "label", ("label",), False, (COUNT, SEED, LABEL),
+            "class_conditional",
+            "label",
+            ("label",),
+            False,
+            (COUNT, SEED, LABEL),
             ("label_accuracy", "per_class_fid", "cas"),
         ),  # fmt: skip
         Task(
-            "image_to_image", "image", ("input_image",), True,
+            "image_to_image",
+            "image",
+            ("input_image",),
+            True,
             (RequestField("image", True, "image"), RequestField("seed", False, "seed")),
-            ("paired_l1", "paired_perceptual"), available=False,
+            ("paired_l1", "paired_perceptual"),
+            available=False,
         ),  # fmt: skip
         Task(
-            "text_to_image", "text", ("caption",), True,
+            "text_to_image",
+            "text",
+            ("caption",),
+            True,
             (RequestField("prompt", True, "text"), COUNT, SEED),
-            ("text_alignment",), available=False,
+            ("text_alignment",),
+            available=False,
         ),  # fmt: skip
     )
 }

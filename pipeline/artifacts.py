@@ -1,4 +1,5 @@
-"""What the stages hand each other: the names of their outputs and the candidate record.
+"""What the stages hand each other: the names of their outputs, the candidate record, and
+reading a stage's JSON output with an error that says which stage to re-run.
 
 One place for the file and folder names a stage writes and a later one reads (the train
 stage's result.json and candidates/, evaluate's generators/), so that a stage depending on
@@ -65,12 +66,7 @@ def list_candidates(train_out: str | Path) -> list[Candidate]:
     """The candidates in the train stage's result.json, with absolute checkpoint paths."""
     train_out = Path(train_out)
     path = train_out / RESULT
-    try:
-        result = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path} is missing: run the train stage first (dvc repro train)") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); re-run the train stage") from None
+    result = read_stage_json(path, TRAIN_STAGE, DataError)
     candidates = [
         Candidate(
             name=c["name"],
@@ -84,3 +80,30 @@ def list_candidates(train_out: str | Path) -> list[Candidate]:
     if not candidates:
         raise DataError(f"{path} lists no candidates with a checkpoint; re-run the train stage")
     return candidates
+
+
+def read_stage_json(path: str | Path, stage: str, error: type[Exception]) -> dict:
+    """The JSON object in `path`, a file the `stage` stage writes. A file that is missing,
+    unreadable, not JSON (or not UTF-8) or not a JSON object raises `error`, the caller's own
+    exception class (the CLI maps it to an exit code), with a message naming the file, what is
+    wrong and the fix: `dvc repro <stage>`."""
+    path = Path(path)
+    fix = f"re-run the {stage} stage (dvc repro {stage})"
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise error(f"{path} is missing: run the {stage} stage first (dvc repro {stage})") from None
+    except OSError as exc:  # a directory, no permission
+        raise error(f"{path} cannot be read ({exc.strerror}): {fix}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise error(f"{path} is not valid JSON ({exc}): {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got a {_json_type(data)}: {fix}")
+    return data
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type (object, list, string, boolean, null, number)."""
+    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(
+        type(value), "null" if value is None else "number"
+    )

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gan.ema import unwrap
-from pipeline.shards import sha256_file
+from gan.export import sha256_file
 
 FORMAT = "ganpipe.checkpoint.v1"
 WEIGHTS, STATE = "weights.safetensors", "state.json"

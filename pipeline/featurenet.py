@@ -40,10 +40,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gan.export import sha256_file
+from pipeline.artifacts import read_stage_json
 from pipeline.config import FeaturenetParams, Params
 from pipeline.data import PreparedSplit, to_float
 from pipeline.errors import EvaluationError
-from pipeline.files import check_output_dir, replace_dir, staging_dir, write_json
+from pipeline.files import (
+    check_output_dir,
+    replace_dir,
+    staging_dir,
+    write_json,
+)
 
 FORMAT = "ganpipe.featurenet.v2"  # v2: one convolution at full resolution (v1 had two)
 EARLIER_FORMATS = ("ganpipe.featurenet.v1",)  # outputs of ours that a re-run may replace
@@ -280,13 +286,7 @@ def read_featurenet_info(directory: str | Path) -> dict:
     """The featurenet stage's description: `available` False (with a reason) for unlabeled
     data, else the architecture, accuracy, dataset version and weights sha256."""
     path = Path(directory) / INFO
-    try:
-        info = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise EvaluationError(
-            f"no usable featurenet in {directory} ({exc}); run the featurenet stage "
-            "(dvc repro featurenet)"
-        ) from None
+    info = read_stage_json(path, STAGE, EvaluationError)
     if info.get("format") != FORMAT or "available" not in info:
         raise EvaluationError(
             f"{path}: not written by this version's featurenet stage (format "

@@ -1,5 +1,7 @@
-"""Atomic file and directory replacement, so a failed or interrupted stage leaves the previous
-outputs (or nothing), never a half-written file or directory.
+"""How stages write their outputs and read each other's: atomic file and directory replacement,
+so a failed or interrupted stage leaves the previous outputs (or nothing), never a half-written
+file or directory; and `read_stage_json`, which turns a stage's JSON output that is missing or
+damaged into an error that names the file and the stage to re-run.
 
 Ownership: a stage replaces only what it wrote. Every directory a stage writes into holds
 OWNER_FILE, a JSON record of the entries ganpipe wrote there and which stage wrote each:

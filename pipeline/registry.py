@@ -14,7 +14,6 @@ version. `register.out_file` is written last, only once all of this worked.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -33,7 +32,7 @@ from mlflow.types.schema import AnyType
 
 from gan.export import generator_digest, load_generator
 from gan.models import GeneratorSpec
-from pipeline.artifacts import GENERATORS
+from pipeline.artifacts import GENERATORS, read_stage_json
 from pipeline.config import RANKING_METRICS, Params, metric_extractor
 from pipeline.errors import RegistryError
 from pipeline.files import write_json
@@ -113,14 +112,7 @@ def register(params: Params) -> dict:
 
 def _read_evaluation(path: str | Path) -> dict:
     """The evaluate stage's metrics file (protocol and per-candidate scores)."""
-    try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise RegistryError(f"{path} is missing: run the evaluate stage first") from None
-    except json.JSONDecodeError as exc:
-        raise RegistryError(
-            f"{path} is not valid JSON ({exc}); re-run the evaluate stage"
-        ) from None
+    report = read_stage_json(path, "evaluate", RegistryError)
     missing = [key for key in ("protocol", "candidates") if key not in report]
     if missing or "id" not in report.get("protocol", {}):
         raise RegistryError(

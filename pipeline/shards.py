@@ -32,7 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gan.export import sha256_file
 from gan.tasks import TASKS
+from pipeline.artifacts import read_stage_json
 from pipeline.errors import DataError
 from pipeline.files import check_output_dir, replace_dir
 
@@ -55,14 +57,6 @@ def shard_schema(shape: tuple[int, int, int]) -> pa.Schema:
         pa.field(LABEL, pa.int16(), nullable=False),
     ]
     return pa.schema(fields, metadata=metadata)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SplitWriter:
@@ -192,30 +186,13 @@ def _dataset_hash(manifest: dict) -> str:
 def read_manifest(out_dir: Path) -> dict:
     """The manifest of the prepared data in `out_dir`, its structure checked (DataError)."""
     path = Path(out_dir) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            f"no prepared data at {out_dir} ({MANIFEST} is missing): {REPAIR_HINT}"
-        ) from None
-    except (ValueError, OSError) as exc:  # not JSON, not UTF-8, not a file
-        raise DataError(f"{path} is not valid JSON ({exc}): {REPAIR_HINT}") from None
-    if not isinstance(manifest, dict):
-        raise DataError(
-            f"{path}: expected a JSON object, got a {_json_type(manifest)}: {REPAIR_HINT}"
-        )
+    manifest = read_stage_json(path, STAGE, DataError)
     if manifest.get("format") != FORMAT:
         raise DataError(
             f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}: {REPAIR_HINT}"
         )
     _check_structure(manifest, path)
     return manifest
-
-
-def _json_type(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "boolean"}.get(
-        type(value), "null" if value is None else "number"
-    )
 
 
 def _is_count(value) -> bool:

@@ -19,6 +19,8 @@ ENTRY = {
     "evaluate": "pipeline.evaluate",
     "register": "pipeline.registry",
 }
+
+
 def code_of(entry: str) -> set[str]:
     """The files (and, for gan/, the package) a stage's code is made of."""
     seen, todo = set(), [entry]

@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -393,3 +396,25 @@ def test_a_non_utf8_file_or_a_directory_is_a_params_error(tmp_path):
         load_params(path)
     with pytest.raises(ParamsError, match="is a directory"):
         load_params(tmp_path)
+
+
+# The libraries pipeline.config imports set warning filters of their own when imported (numpy,
+# torch, ruamel.yaml): imported first, so that only what ganpipe's code adds is compared.
+IMPORT_CHECK = """
+import warnings
+import gan, numpy, pydantic, ruamel.yaml, torch, yaml
+before = list(warnings.filters)
+import pipeline.config
+print(repr([f for f in warnings.filters if f not in before]))
+"""
+
+
+def test_importing_the_config_leaves_the_warning_filters_alone_and_warns_nothing():
+    # -W always: any warning raised during the import is printed to stderr
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-W", "always", "-c", IMPORT_CHECK],
+        capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout.strip(), result.stderr) == ("[]", "")

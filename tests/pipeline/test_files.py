@@ -1,12 +1,20 @@
 """Output directories: a stage replaces only what it wrote, never a directory it did not create."""
 
 import json
+import re
 import shutil
 
 import pytest
 
+from pipeline.artifacts import read_stage_json
 from pipeline.config import validate_params
-from pipeline.files import OWNER_FILE, OutputError, replace_entries, staging_dir
+from pipeline.files import (
+    OWNER_FILE,
+    OutputError,
+    replace_entries,
+    staging_dir,
+    write_json,
+)
 from pipeline.prepare import prepare
 from tests.conftest import tree_digest
 
@@ -118,3 +126,46 @@ def test_entries_replace_only_their_own_namesakes(tmp_path):
     assert (fresh / "result.json").read_text() == "2"
     assert [p.name for p in (fresh / "samples").iterdir()] == ["b.png"]
     assert (fresh / "thesis.txt").read_text() == "mine"  # not a namesake: stays
+
+
+class StageInputError(RuntimeError):
+    """A caller's own error class: what read_stage_json must raise."""
+
+
+def test_read_stage_json_returns_the_object_a_stage_wrote(tmp_path):
+    write_json(tmp_path / "result.json", {"candidates": [{"name": "a"}], "é": 1.5})
+    assert read_stage_json(tmp_path / "result.json", "train", StageInputError) == {
+        "candidates": [{"name": "a"}],
+        "é": 1.5,
+    }
+
+
+@pytest.mark.parametrize(
+    "content, wrong",
+    [
+        (None, r"is missing: run the train stage first \(dvc repro train\)$"),
+        (b'{"candidates": [', r"is not valid JSON \(Expecting value: line 1 column 17"),
+        (b"{}garbage", r"is not valid JSON \(Extra data"),
+        (b'{"name": "\xe9"}', r"is not valid JSON \(.*utf-8"),  # Latin-1, not UTF-8
+        (b"[" * 100_000 + b"]" * 100_000, r"is not valid JSON \(maximum recursion depth"),
+        (b"[1, 2]", r": expected a JSON object, got a list"),
+        (b'"text"', r": expected a JSON object, got a string"),
+        (b"null", r": expected a JSON object, got a null"),
+        ("dir", r"cannot be read \(Is a directory\)"),
+    ],
+)
+def test_read_stage_json_names_the_file_the_problem_and_the_stage_to_re_run(
+    tmp_path, content, wrong
+):
+    path = tmp_path / "result.json"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(StageInputError) as info:
+        read_stage_json(path, "train", StageInputError)
+    message = str(info.value)
+    assert message.startswith(str(path)), message
+    assert re.search(wrong, message), message
+    if content is not None:
+        assert message.endswith(": re-run the train stage (dvc repro train)"), message

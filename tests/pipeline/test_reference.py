@@ -42,7 +42,7 @@ def test_committed_reference_is_up_to_date():
             committed.splitlines(), expected.splitlines(), "committed", "generated", lineterm=""
         )
         shown = "\n".join(list(diff)[:30])
-        stale = "docs/configuration.md is out of date with pipeline/config.py or dvc.yaml"
+        stale = "docs/configuration.md is out of date with pipeline/config/schema.py or dvc.yaml"
         pytest.fail(f"{stale}; run {FIX}\n{shown}")
 
 

@@ -5,10 +5,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from gan.export import sha256_file
 from pipeline.config import validate_params
 from pipeline.data import PreparedSplit
 from pipeline.prepare import prepare
-from pipeline.shards import MANIFEST, DataError, sha256_file, shard_schema, verify_prepared
+from pipeline.shards import MANIFEST, DataError, shard_schema, verify_prepared
 
 
 @pytest.fixture(scope="module")

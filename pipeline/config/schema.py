@@ -2,18 +2,18 @@
 
 Sections are named after the stages that read them (DVC's convention): prepare, model, train,
 sweep, evaluate, register, plus ray and tracking for where things run. Any unknown key, wrong
-type, out-of-range value or inconsistent combination raises ParamsError, whose message names the
-key path, the bad value and what is allowed, before any stage does work.
+type, out-of-range value or inconsistent combination is a validation error whose message names
+the key path, the bad value and what is allowed (pipeline/config/messages.py words them;
+pipeline/config/loading.py reads a file and raises them as one ParamsError), before any stage
+does work.
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import warnings
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,17 +25,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
 from gan.augment import POLICIES
 from gan.losses import LOSSES
 from gan.models import D_NORMS, FAMILIES
-from pipeline.errors import ECHO_LIMIT, echo, shorten
-from pipeline.params_yaml import YAMLInputError, parse_yaml
+from pipeline.config.messages import describe_problem, did_you_mean, inconsistent
+from pipeline.errors import echo, shorten
 from pipeline.recipes import RECIPE_NOTE, recipe_default, with_recipe
-
-DEFAULT_PARAMS_FILE = Path("params.yaml")
-MAX_PROBLEMS = 20  # listed in one ParamsError; the rest are counted
 
 LABELED_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10")
 LossName = Literal[tuple(LOSSES)]
@@ -47,14 +43,6 @@ AugmentPolicy = Literal[POLICIES]
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
 Bool = Annotated[bool, Strict()]
-
-
-class ParamsError(ValueError):
-    """params.yaml (or an override) is invalid; the message lists every problem found."""
-
-
-def _inconsistent(message: str) -> PydanticCustomError:
-    return PydanticCustomError("inconsistent", message)
 
 
 class Section(BaseModel):
@@ -120,7 +108,7 @@ class PrepareParams(Section):
         limit = 2**31  # bytes of pixels per shard: a shard is buffered in memory while written
         if self.shard_rows * image > limit:
             size = f"{self.resolution}x{self.resolution}x{self.channels}"
-            raise _inconsistent(
+            raise inconsistent(
                 f"prepare.shard_rows: {self.shard_rows} images of {size} make shards of "
                 f"{self.shard_rows * image / 2**30:,.0f} GiB, buffered in memory while written; "
                 f"at most {limit // image} rows of {size} images (2 GiB)"
@@ -130,12 +118,12 @@ class PrepareParams(Section):
     @model_validator(mode="after")
     def _image_dir_for_imagefolder(self) -> PrepareParams:
         if self.source == "imagefolder" and self.image_dir is None:
-            raise _inconsistent(
+            raise inconsistent(
                 "prepare.image_dir: required when prepare.source is 'imagefolder'; "
                 "set it to a directory of PNG/JPEG/WebP images"
             )
         if self.source != "imagefolder" and self.image_dir is not None:
-            raise _inconsistent(
+            raise inconsistent(
                 f"prepare.image_dir: only used with prepare.source 'imagefolder', but source is "
                 f"{self.source!r}; remove image_dir or set source: imagefolder"
             )
@@ -260,13 +248,15 @@ class Uniform(Section):
     @model_validator(mode="after")
     def _ordered(self) -> Uniform:
         if not self.low < self.high:
-            raise _inconsistent(f"low ({self.low}) must be below high ({self.high})")
+            raise inconsistent(f"low ({self.low}) must be below high ({self.high})")
         if self.type == "loguniform" and self.low <= 0:
-            raise _inconsistent(f"loguniform needs low > 0, got {self.low}")
+            raise inconsistent(f"loguniform needs low > 0, got {self.low}")
         return self
 
 
 SearchDimension = Annotated[Choice | Grid | Uniform, Field(discriminator="type")]
+# The search dimensions by their `type` tag.
+DIMENSIONS = {"choice": Choice, "grid": Grid, "uniform": Uniform, "loguniform": Uniform}
 
 
 TUNABLE_SECTIONS: dict[str, type[Section]] = {"train": TrainParams, "model": ModelParams}
@@ -318,12 +308,12 @@ class SweepParams(Section):
             model = TUNABLE_SECTIONS.get(section)
             if model is None or field not in model.model_fields:
                 tunable = [f"{s}.{k}" for s, m in TUNABLE_SECTIONS.items() for k in m.model_fields]
-                hint = _did_you_mean(key, tunable)
-                raise _inconsistent(
+                hint = did_you_mean(key, tunable)
+                raise inconsistent(
                     f"sweep.space.{shorten(key)}: not a train.* or model.* key{hint}"
                 )
             if isinstance(dim, Uniform) and model.model_fields[field].annotation is not float:
-                raise _inconsistent(
+                raise inconsistent(
                     f"sweep.space.{key}: {dim.type} needs a float key; use choice or grid"
                 )
         return space
@@ -398,7 +388,7 @@ class EvaluateParams(Section):
     @model_validator(mode="after")
     def _kid_subset_fits(self) -> EvaluateParams:
         if self.kid_subset_size > self.num_samples:
-            raise _inconsistent(
+            raise inconsistent(
                 f"evaluate.kid_subset_size ({self.kid_subset_size}) must not exceed "
                 f"evaluate.num_samples ({self.num_samples}); lower one or raise the other"
             )
@@ -428,7 +418,7 @@ class RegisterParams(Section):
     @model_validator(mode="after")
     def _two_aliases(self) -> RegisterParams:
         if self.alias == self.challenger_alias:
-            raise _inconsistent(
+            raise inconsistent(
                 f"register.challenger_alias must differ from register.alias ({self.alias!r})"
             )
         return self
@@ -455,10 +445,6 @@ class TrackingParams(Section):
     experiment: str = Field("ganpipe", min_length=1, description="MLflow experiment name")
 
 
-# pydantic warns that the `register` section shadows ABCMeta.register; instances are unaffected.
-warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
-
-
 def _requested_resolution(raw: Mapping) -> int:
     """prepare.resolution as given, or its default when absent or invalid (the schema then
     reports it)."""
@@ -468,281 +454,124 @@ def _requested_resolution(raw: Mapping) -> int:
     return value if valid else PrepareParams.model_fields["resolution"].default
 
 
-class Params(Section):
-    """Everything in params.yaml."""
+# pydantic warns, once, when Params is defined, that the `register` section shadows
+# ABCMeta.register (instances are unaffected): silenced here only, leaving the warning filters
+# of the program that imports this module as they were.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
-    prepare: PrepareParams = Field(default_factory=PrepareParams)
-    model: ModelParams = Field(default_factory=ModelParams)
-    train: TrainParams = Field(default_factory=TrainParams)
-    sweep: SweepParams = Field(default_factory=SweepParams)
-    featurenet: FeaturenetParams = Field(default_factory=FeaturenetParams)
-    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
-    register: RegisterParams = Field(default_factory=RegisterParams)
-    ray: RayParams = Field(default_factory=RayParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
+    class Params(Section):
+        """Everything in params.yaml."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_sections(cls, data: Any) -> Any:
-        """`train:` with nothing under it means "all defaults", as YAML readers expect; the
-        defaults of the recipe keys follow `prepare.resolution` (pipeline/recipes.py)."""
-        if not isinstance(data, Mapping):
-            return data
-        data = {k: ({} if v is None else v) for k, v in data.items()}
-        return with_recipe(data, _requested_resolution(data))
+        prepare: PrepareParams = Field(default_factory=PrepareParams)
+        model: ModelParams = Field(default_factory=ModelParams)
+        train: TrainParams = Field(default_factory=TrainParams)
+        sweep: SweepParams = Field(default_factory=SweepParams)
+        featurenet: FeaturenetParams = Field(default_factory=FeaturenetParams)
+        evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+        register: RegisterParams = Field(default_factory=RegisterParams)
+        ray: RayParams = Field(default_factory=RayParams)
+        tracking: TrackingParams = Field(default_factory=TrackingParams)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Params:
-        model, train, prepare = self.model, self.train, self.prepare
-        if model.conditional and not prepare.labeled:
-            raise _inconsistent(
-                "model.conditional: true needs labels, but prepare.source 'imagefolder' with "
-                "prepare.image_labels 'none' has none; set model.conditional: false or use "
-                "image_labels: folders (one subfolder per class)"
-            )
-        if train.loss == "wasserstein" and train.gp_weight == 0 and not model.spectral_norm_d:
-            raise _inconsistent(
-                "train.loss: 'wasserstein' needs a Lipschitz critic, but train.gp_weight is 0 and "
-                "model.spectral_norm_d is false; set train.gp_weight (10 is usual) or "
-                "model.spectral_norm_d: true"
-            )
-        if train.gp_weight > 0 and model.family == "dcgan" and model.d_norm == "batch":
-            raise _inconsistent(
-                "train.gp_weight > 0 with model.d_norm 'batch': the gradient penalty is per "
-                "sample and batch norm mixes samples (Gulrajani et al. 2017, section 4); "
-                "use model.d_norm: layer, instance or none"
-            )
-        expected = train.batch_size * self.ray.num_workers
-        if train.global_batch_size is not None and train.global_batch_size != expected:
-            raise _inconsistent(
-                f"train.global_batch_size ({train.global_batch_size}) must equal "
-                f"train.batch_size ({train.batch_size}) x ray.num_workers "
-                f"({self.ray.num_workers}) = {expected}; fix one or remove global_batch_size"
-            )
-        if self.sweep.scheduler == "pbt" and self.ray.num_workers != 1:
-            raise _inconsistent(
-                f"sweep.scheduler 'pbt' needs ray.num_workers: 1 (Ray's PBT cannot exploit "
-                f"multi-worker Train runs), got {self.ray.num_workers}; use scheduler: asha"
-            )
-        metric = self.register.metric
-        if metric.endswith("_inception") and not self.evaluate.inception:
-            raise _inconsistent(
-                f"register.metric {metric!r} needs evaluate.inception: true; "
-                "set it (and evaluate.inception_weights offline) or rank by a _domain metric"
-            )
-        if metric == "cas_accuracy" and not model.conditional:
-            raise _inconsistent(
-                "register.metric 'cas_accuracy' needs model.conditional: true (the classifier "
-                "trained on generated images learns from their class labels)"
-            )
-        if self.sweep.space:
-            self._check_sweep()
-        return self
+        @model_validator(mode="before")
+        @classmethod
+        def _empty_sections(cls, data: Any) -> Any:
+            """`train:` with nothing under it means "all defaults", as YAML readers expect; the
+            defaults of the recipe keys follow `prepare.resolution` (pipeline/recipes.py)."""
+            if not isinstance(data, Mapping):
+                return data
+            data = {k: ({} if v is None else v) for k, v in data.items()}
+            return with_recipe(data, _requested_resolution(data))
 
-    def _check_sweep(self) -> None:
-        """The sweep fits the run, and every value it can draw gives a valid configuration."""
-        sweep = self.sweep
-        if sweep.top_k > sweep.total_trials:
-            raise _inconsistent(
-                f"sweep.top_k ({sweep.top_k}) must not exceed the {sweep.total_trials} trials "
-                f"(sweep.num_trials {sweep.num_trials} x every grid combination)"
-            )
-        if sweep.eval_every > self.train.steps:
-            raise _inconsistent(
-                f"sweep.eval_every ({sweep.eval_every}) is above train.steps ({self.train.steps}):"
-                " no trial would ever be scored; lower eval_every"
-            )
-        if (sweep.grace_period or 0) >= self.train.steps:
-            raise _inconsistent(
-                f"sweep.grace_period ({sweep.grace_period}) must be below train.steps "
-                f"({self.train.steps}): ASHA could never stop a trial; lower it"
-            )
-        grids = [k for k, d in sweep.space.items() if isinstance(d, Grid)]
-        if sweep.search == "optuna" and grids:
-            raise _inconsistent(
-                f"sweep.search 'optuna' cannot search grid dimensions ({', '.join(grids)} in "
-                "sweep.space); use type: choice, or search: random"
-            )
-        base = self.model_dump(exclude={"sweep"})
-        for key, dim in sweep.space.items():
-            section, field = key.split(".", 1)
-            for value in getattr(dim, "values", None) or (dim.low, dim.high):
-                trial = copy.deepcopy(base)
-                trial[section][field] = value
-                try:
-                    Params.model_validate(trial)
-                except ValidationError as exc:
-                    reasons = "; ".join(_describe(e) for e in exc.errors())
-                    raise _inconsistent(
-                        f"sweep.space.{key}: value {echo(value)} gives an invalid trial: {reasons}"
-                    ) from None
+        @model_validator(mode="after")
+        def _consistent(self) -> Params:
+            model, train, prepare = self.model, self.train, self.prepare
+            if model.conditional and not prepare.labeled:
+                raise inconsistent(
+                    "model.conditional: true needs labels, but prepare.source 'imagefolder' with "
+                    "prepare.image_labels 'none' has none; set model.conditional: false or use "
+                    "image_labels: folders (one subfolder per class)"
+                )
+            if train.loss == "wasserstein" and train.gp_weight == 0 and not model.spectral_norm_d:
+                raise inconsistent(
+                    "train.loss: 'wasserstein' needs a Lipschitz critic, but train.gp_weight is 0 "
+                    "and model.spectral_norm_d is false; set train.gp_weight (10 is usual) or "
+                    "model.spectral_norm_d: true"
+                )
+            if train.gp_weight > 0 and model.family == "dcgan" and model.d_norm == "batch":
+                raise inconsistent(
+                    "train.gp_weight > 0 with model.d_norm 'batch': the gradient penalty is per "
+                    "sample and batch norm mixes samples (Gulrajani et al. 2017, section 4); "
+                    "use model.d_norm: layer, instance or none"
+                )
+            expected = train.batch_size * self.ray.num_workers
+            if train.global_batch_size is not None and train.global_batch_size != expected:
+                raise inconsistent(
+                    f"train.global_batch_size ({train.global_batch_size}) must equal "
+                    f"train.batch_size ({train.batch_size}) x ray.num_workers "
+                    f"({self.ray.num_workers}) = {expected}; fix one or remove global_batch_size"
+                )
+            if self.sweep.scheduler == "pbt" and self.ray.num_workers != 1:
+                raise inconsistent(
+                    f"sweep.scheduler 'pbt' needs ray.num_workers: 1 (Ray's PBT cannot exploit "
+                    f"multi-worker Train runs), got {self.ray.num_workers}; use scheduler: asha"
+                )
+            metric = self.register.metric
+            if metric.endswith("_inception") and not self.evaluate.inception:
+                raise inconsistent(
+                    f"register.metric {metric!r} needs evaluate.inception: true; "
+                    "set it (and evaluate.inception_weights offline) or rank by a _domain metric"
+                )
+            if metric == "cas_accuracy" and not model.conditional:
+                raise inconsistent(
+                    "register.metric 'cas_accuracy' needs model.conditional: true (the classifier "
+                    "trained on generated images learns from their class labels)"
+                )
+            if self.sweep.space:
+                self._check_sweep()
+            return self
 
-    @property
-    def global_batch_size(self) -> int:
-        return self.train.batch_size * self.ray.num_workers
+        def _check_sweep(self) -> None:
+            """The sweep fits the run, and every value it can draw gives a valid configuration."""
+            sweep = self.sweep
+            if sweep.top_k > sweep.total_trials:
+                raise inconsistent(
+                    f"sweep.top_k ({sweep.top_k}) must not exceed the {sweep.total_trials} trials "
+                    f"(sweep.num_trials {sweep.num_trials} x every grid combination)"
+                )
+            if sweep.eval_every > self.train.steps:
+                raise inconsistent(
+                    f"sweep.eval_every ({sweep.eval_every}) is above train.steps "
+                    f"({self.train.steps}): no trial would ever be scored; lower eval_every"
+                )
+            if (sweep.grace_period or 0) >= self.train.steps:
+                raise inconsistent(
+                    f"sweep.grace_period ({sweep.grace_period}) must be below train.steps "
+                    f"({self.train.steps}): ASHA could never stop a trial; lower it"
+                )
+            grids = [k for k, d in sweep.space.items() if isinstance(d, Grid)]
+            if sweep.search == "optuna" and grids:
+                raise inconsistent(
+                    f"sweep.search 'optuna' cannot search grid dimensions ({', '.join(grids)} in "
+                    "sweep.space); use type: choice, or search: random"
+                )
+            base = self.model_dump(exclude={"sweep"})
+            for key, dim in sweep.space.items():
+                section, field = key.split(".", 1)
+                for value in getattr(dim, "values", None) or (dim.low, dim.high):
+                    trial = copy.deepcopy(base)
+                    trial[section][field] = value
+                    try:
+                        Params.model_validate(trial)
+                    except ValidationError as exc:
+                        reasons = "; ".join(
+                            describe_problem(e, Params, DIMENSIONS) for e in exc.errors()
+                        )
+                        raise inconsistent(
+                            f"sweep.space.{key}: value {echo(value)} gives an invalid trial: "
+                            f"{reasons}"
+                        ) from None
 
-
-# Names other GAN code bases use for our keys, so a familiar name gets pointed at ours.
-KEY_ALIASES = {
-    "learning_rate": ("lr_g", "lr_d"),
-    "lr": ("lr_g", "lr_d"),
-    "epochs": ("steps",),
-    "iterations": ("steps",),
-    "num_steps": ("steps",),
-    "batch": ("batch_size",),
-    "lambda_gp": ("gp_weight",),
-    "gamma": ("r1_gamma",),
-    "n_dis": ("n_critic",),
-    "d_steps": ("n_critic",),
-    "ema_decay": ("ema_kimg",),
-    "ema_beta": ("ema_kimg",),
-    "nz": ("z_dim",),
-    "latent_dim": ("z_dim",),
-    "ngf": ("g_width",),
-    "ndf": ("d_width",),
-}
-
-
-def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    """A hint naming the closest allowed key: by spelling, else by a known alias."""
-    if len(word) > 100:  # no key is this long; spare difflib the work
-        return ""
-    targets = {c: (c,) for c in candidates}
-    for alias, keys in KEY_ALIASES.items():
-        if all(k in targets for k in keys):
-            targets.setdefault(alias, keys)
-    close = difflib.get_close_matches(word, list(targets), n=1, cutoff=0.6)
-    if not close:
-        return ""
-    return "; did you mean " + " or ".join(repr(k) for k in targets[close[0]]) + "?"
-
-
-def _section_model(loc: tuple) -> type[BaseModel] | None:
-    """The schema class that holds the key at `loc` (for listing allowed keys)."""
-    model: type[BaseModel] = Params
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    return model
-
-
-DIMENSIONS = {"choice": Choice, "grid": Grid, "uniform": Uniform, "loguniform": Uniform}
-
-
-def _describe(error: dict) -> str:
-    """One problem as `key.path: what is wrong (got value)`, every echo of the input
-    shortened (errors.ECHO_LIMIT)."""
-    loc = tuple(part for part in error["loc"] if part not in DIMENSIONS)
-    path = shorten(".".join(str(part) for part in loc))
-    if error["type"] == "extra_forbidden":
-        tags = [part for part in error["loc"] if part in DIMENSIONS]
-        section = DIMENSIONS[tags[-1]] if tags else _section_model(loc)
-        allowed = sorted(section.model_fields) if section else []
-        hint = _did_you_mean(str(loc[-1]), allowed) or f"; allowed keys: {', '.join(allowed)}"
-        return f"{path}: unknown key (value {echo(error['input'])}){hint}"
-    if error["type"] == "inconsistent":
-        # Cross-key messages already start with the key paths they involve.
-        return (
-            error["msg"] if not path or error["msg"].startswith(path) else f"{path}: {error['msg']}"
-        )
-    message = error["msg"].removeprefix("Value error, ")
-    prefix = f"{path}: " if path else ""
-    return f"{prefix}{message} (got {echo(error['input'])})"
-
-
-def validate_params(raw: Any, source: str = str(DEFAULT_PARAMS_FILE)) -> Params:
-    """Validate an already-parsed params mapping; ParamsError names every bad key."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ParamsError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as exc:
-        errors = exc.errors()
-        lines = [f"  - {shorten(_describe(e), 4 * ECHO_LIMIT)}" for e in errors[:MAX_PROBLEMS]]
-        if len(errors) > MAX_PROBLEMS:
-            lines.append(f"  ... and {len(errors) - MAX_PROBLEMS:,} more problems")
-        raise ParamsError(f"{source} is invalid:\n" + "\n".join(lines)) from None
-
-
-def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """A copy of `raw` with each 'section.key=value' set; values are parsed as YAML."""
-    result: dict[str, Any] = copy.deepcopy(dict(raw))
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key.strip():
-            raise ParamsError(
-                f"override {echo(item)}: expected section.key=value, e.g. train.lr_g=1e-4"
-            )
-        parts = key.strip().split(".")
-        if parts[:2] == ["sweep", "space"] and len(parts) > 3:  # space keys are 'section.key'
-            parts = [*parts[:2], ".".join(parts[2:4]), *parts[4:]]
-        *parents, leaf = parts
-        node = result
-        for depth, part in enumerate(parents):
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-            if not isinstance(node, dict):
-                where = shorten(".".join(parents[: depth + 1]))
-                raise ParamsError(f"override {echo(item)}: {where} is a value, not a section")
-        try:
-            node[leaf] = parse_yaml(text)
-        except YAMLInputError as exc:
-            raise ParamsError(f"override {echo(item)}: {exc}") from None
-    return result
-
-
-def parse_yaml_file(path: Path) -> Any:
-    """The parsed content of a params file; ParamsError if it cannot be read or parsed."""
-    try:
-        text = path.read_text(encoding="utf-8")  # what DVC reads it as
-    except FileNotFoundError:
-        raise ParamsError(
-            f"{path}: no such params file; run from the project root or pass --params PATH"
-        ) from None
-    except IsADirectoryError:
-        raise ParamsError(
-            f"{path}: is a directory, not a params file; pass --params {path / 'params.yaml'}"
-        ) from None
-    except UnicodeDecodeError as exc:
-        data = path.read_bytes()
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ParamsError(
-            f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line}); DVC reads "
-            "params files as UTF-8 too: save the file as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror})") from None
-    try:
-        return parse_yaml(text)
-    except YAMLInputError as exc:
-        raise ParamsError(f"{path}: {exc}") from None
-
-
-def load_params(path: str | Path = DEFAULT_PARAMS_FILE, overrides: Iterable[str] = ()) -> Params:
-    """Read (as DVC does: UTF-8 and YAML 1.2, pipeline/params_yaml.py), override and validate
-    a params file; ParamsError on any problem."""
-    path = Path(path)
-    raw = parse_yaml_file(path)
-    if overrides:
-        if raw is not None and not isinstance(raw, Mapping):
-            raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-        raw = apply_overrides(raw or {}, overrides)
-    return validate_params(raw, str(path))
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr_g': 1e-4}} -> {'train.lr_g': 1e-4}; empty sections stay as {}."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
+        @property
+        def global_batch_size(self) -> int:
+            return self.train.batch_size * self.ray.num_workers
