@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from gan.tasks import Task, task_for
+
 Tensor = torch.Tensor
 
 _MASK64 = (1 << 64) - 1
@@ -37,20 +39,26 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 class LatentSampler:
-    """Draws N(0, I) noise and, for conditional models, uniform class labels."""
+    """Draws N(0, I) noise and the fakes' conditions as the task says (gan.tasks): uniform
+    class labels, the real batch's own conditions (paired tasks), or none."""
 
-    def __init__(self, z_dim: int, num_classes: int = 0):
+    def __init__(self, z_dim: int, num_classes: int = 0, task: Task | None = None):
         self.z_dim = z_dim
         self.num_classes = num_classes
+        self.task = task or task_for(num_classes > 0)
 
     def __call__(
-        self, n: int, generator: torch.Generator, device: torch.device | str = "cpu"
+        self,
+        n: int,
+        generator: torch.Generator,
+        device: torch.device | str = "cpu",
+        real_conditions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         z = torch.randn(n, self.z_dim, generator=generator).to(device)
-        if self.num_classes == 0:
-            return z, None
-        labels = torch.randint(0, self.num_classes, (n,), generator=generator).to(device)
-        return z, labels
+        conditions = self.task.fake_conditions(
+            real_conditions, n, self.num_classes, generator, device
+        )
+        return z, conditions
 
 
 def fixed_latents(

@@ -116,6 +116,7 @@ def open_mlflow_run(
     tags = {
         RUN_NAME_TAG: name,
         "ganpipe.recipe": recipe_for(params.prepare.resolution).name,
+        "ganpipe.task": task_for(params.model.conditional).name,
         "ganpipe.dataset_hash": dataset_hash,
         "ganpipe.git_commit": git_commit(),
         DRIVER_TAG: driver_id(),

@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
+from gan.tasks import TASKS, Task, task_for
 from pipeline.config import validate_params
-from pipeline.data import PreparedSplit, RankLoader, rank_rows, to_float
+from pipeline.data import (
+    PreparedSplit,
+    RankLoader,
+    check_data_for_task,
+    data_task,
+    rank_rows,
+    to_float,
+)
 from pipeline.prepare import prepare
 from pipeline.shards import DataError
 
@@ -81,3 +89,19 @@ def test_unlabeled_loader_yields_no_labels_and_forever_crosses_epochs(split):
 def test_too_small_a_split_is_a_clear_error(split):
     with pytest.raises(DataError, match="too few for 2 worker"):
         RankLoader(split, 1000, world_size=2)
+
+
+def test_the_data_must_carry_what_the_model_s_task_conditions_on():
+    labeled = {"class_names": ["a", "b"], "splits": {"train": {"class_counts": {"0": 3, "1": 2}}}}
+    unlabeled = {"task": "unconditional", "class_names": [], "splits": {"train": {}}}
+    assert data_task(labeled).name == "class_conditional"  # a manifest from before tasks
+    check_data_for_task(labeled, task_for(True))
+    check_data_for_task(labeled, task_for(False))  # labels may be left unused
+    with pytest.raises(DataError, match="model.conditional is true but the prepared train split"):
+        check_data_for_task(unlabeled, task_for(True))
+    # a paired task (a test-made entry: the real ones are not available yet) plugs in as is
+    paired = Task("paired", "image", ("input_image",), True, (), ())
+    with pytest.raises(DataError, match="task paired needs prepared data with input_image per"):
+        check_data_for_task(labeled, paired)
+    with pytest.raises(NotImplementedError, match="'image_to_image' is declared but not"):
+        check_data_for_task(labeled, TASKS["image_to_image"])

@@ -29,6 +29,7 @@ def test_digits_prepare_verify_and_read_back_bit_exactly(tmp_path):
     assert [s["rows"] for s in manifest["splits"]["train"]["shards"]] == [500, 500, 438]
     assert sum(manifest["splits"]["train"]["class_counts"].values()) == 1438
     assert manifest["class_names"] == [str(i) for i in range(10)]
+    assert manifest["task"] == "class_conditional"  # the data carries a label per image
     assert len(manifest["dataset_hash"]) == 64
     assert manifest["skipped_files"]["count"] == 0
 
@@ -85,7 +86,7 @@ def test_flat_image_folder_is_unlabeled_and_grayscale_conversion_works(tmp_path,
         test_fraction=0.3,  # 7 images: 5 train, 2 test (each split needs 2)
     )
     manifest = prepare(params, progress=False)
-    assert manifest["class_names"] == []
+    assert manifest["class_names"] == [] and manifest["task"] == "unconditional"
     images, labels = PreparedSplit(tmp_path / "prepared", "train").read()
     assert set(labels.tolist()) == {-1}
     assert images.shape[1:] == (16, 16, 1)
