@@ -31,6 +31,15 @@ def mix_seed(*keys: int) -> int:
     return state >> 1
 
 
+def to_device(x: Tensor, device: torch.device | str) -> Tensor:
+    """`x`, drawn on the CPU, on `device` without a host synchronisation: on CUDA through pinned
+    memory and an asynchronous copy (a plain copy from pageable memory waits for the GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The CPU generator for every random draw of training step `step` on rank `rank`."""
     return torch.Generator().manual_seed(mix_seed(seed, rank, step))
@@ -46,11 +55,11 @@ class LatentSampler:
     def __call__(
         self, n: int, generator: torch.Generator, device: torch.device | str = "cpu"
     ) -> tuple[Tensor, Tensor | None]:
-        z = torch.randn(n, self.z_dim, generator=generator).to(device)
+        z = to_device(torch.randn(n, self.z_dim, generator=generator), device)
         if self.num_classes == 0:
             return z, None
-        labels = torch.randint(0, self.num_classes, (n,), generator=generator).to(device)
-        return z, labels
+        labels = torch.randint(0, self.num_classes, (n,), generator=generator)
+        return z, to_device(labels, device)
 
 
 def fixed_latents(
