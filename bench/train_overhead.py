@@ -1,7 +1,8 @@
 """Ray Train overhead: the train stage with 1 worker against a plain PyTorch loop.
 
 Same model (the shipped params.yaml on 16x16 digits), batch and steps, measured in one run:
-- plain:     gan.step.train_step over pipeline.data.RankLoader in this process
+- plain:     gan.step.train_step over pipeline.data.RankLoader in this process, with the
+             optimisers the pipeline builds (gan.step.adam) and its metrics left on the device
 - ray:       pipeline.train.train with 1 worker at the default report/checkpoint intervals
 - ray, a report every 10 steps; ray, a report and a checkpoint every 20 steps: to price them
   (extra seconds per call against the plain loop). Reporting every step is not measured: on
@@ -24,7 +25,7 @@ import torch
 
 from gan.ema import GeneratorEMA
 from gan.sampling import LatentSampler, step_generator
-from gan.step import GANTrainState, train_step
+from gan.step import GANTrainState, adam, train_step
 from pipeline.config import load_params
 from pipeline.data import PreparedSplit, RankLoader
 from pipeline.prepare import prepare
@@ -38,8 +39,7 @@ def plain_rate(params) -> float:
     g, d = build_models(params, split.shape, 0)
     betas = (t.beta1, t.beta2)
     state = GANTrainState(
-        g, d, torch.optim.Adam(g.parameters(), t.lr_g, betas=betas),
-        torch.optim.Adam(d.parameters(), t.lr_d, betas=betas),
+        g, d, adam(g.parameters(), t.lr_g, betas), adam(d.parameters(), t.lr_d, betas),
         GeneratorEMA(g, t.ema_kimg * 1000, t.batch_size, t.ema_rampup),
     )  # fmt: skip
     batches = RankLoader(split, t.batch_size, seed=t.seed).forever()

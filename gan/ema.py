@@ -134,17 +134,28 @@ class GeneratorEMA:
         return 0.5 ** (self.images_per_step / half_life)
 
     @torch.no_grad()
-    def update(self, generator: nn.Module, step: int) -> None:
-        """Blend in the generator's weights after optimisation step `step` (0-based)."""
+    def update(self, generator: nn.Module, step: int, skip: Tensor | None = None) -> None:
+        """Blend in the generator's weights after optimisation step `step` (0-based).
+
+        `skip`: a 0-d bool tensor (gan.step's "this update was skipped"); where it is true the
+        average and its copied buffers stay as they are, decided on the device."""
         source = unwrap(generator)
         ema_params = list(self.model.parameters())
         params = [p.detach() for p in source.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - self.beta(step))
+        weight = 1.0 - self.beta(step)
+        if skip is None:
+            torch._foreach_lerp_(ema_params, params, weight)
+        else:  # lerp with a weight of 0 leaves the average bitwise as it is
+            weights = [torch.where(skip, 0.0, weight)] * len(ema_params)
+            torch._foreach_lerp_(ema_params, params, weights)
         if self._copied:
             buffers = dict(source.named_buffers())
             own = dict(self.model.named_buffers())
             for name in self._copied:
-                own[name].copy_(buffers[name])
+                update = (
+                    buffers[name] if skip is None else torch.where(skip, own[name], buffers[name])
+                )
+                own[name].copy_(update)
         self.statistics_fresh = not self._has_statistics
 
     def averaged(self, sampler: Sampler, seed: int) -> nn.Module:

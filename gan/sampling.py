@@ -33,6 +33,15 @@ def mix_seed(*keys: int) -> int:
     return state >> 1
 
 
+def to_device(x: Tensor, device: torch.device | str) -> Tensor:
+    """`x`, drawn on the CPU, on `device` without a host synchronisation: on CUDA through pinned
+    memory and an asynchronous copy (a plain copy from pageable memory waits for the GPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """The CPU generator for every random draw of training step `step` on rank `rank`."""
     return torch.Generator().manual_seed(mix_seed(seed, rank, step))
@@ -54,11 +63,11 @@ class LatentSampler:
         device: torch.device | str = "cpu",
         real_conditions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        z = torch.randn(n, self.z_dim, generator=generator).to(device)
-        conditions = self.task.fake_conditions(
-            real_conditions, n, self.num_classes, generator, device
-        )
-        return z, conditions
+        z = to_device(torch.randn(n, self.z_dim, generator=generator), device)
+        conditions = self.task.fake_conditions(real_conditions, n, self.num_classes, generator)
+        if conditions is None or self.task.paired:  # a paired task's are on the device
+            return z, conditions
+        return z, to_device(conditions, device)
 
 
 def fixed_latents(

@@ -69,14 +69,9 @@ class Task:
             )
 
     def fake_conditions(
-        self,
-        real_conditions: Tensor | None,
-        n: int,
-        num_classes: int,
-        generator: torch.Generator,
-        device: torch.device | str,
+        self, real_conditions: Tensor | None, n: int, num_classes: int, generator: torch.Generator
     ) -> Tensor | None:
-        """The conditions of a batch of `n` fakes: uniform class labels (drawn from
+        """The conditions of a batch of `n` fakes: uniform class labels (drawn on the CPU from
         `generator`), the real batch's own conditions (paired tasks), or None."""
         if self.condition == "none":
             return None
@@ -84,7 +79,7 @@ class Task:
             if real_conditions is None:
                 raise ValueError(f"task {self.name}: a paired task needs the batch's conditions")
             return real_conditions
-        return torch.randint(0, num_classes, (n,), generator=generator).to(device)
+        return torch.randint(0, num_classes, (n,), generator=generator)
 
 
 COUNT = RequestField("num_images", True, "count")

@@ -12,7 +12,7 @@ import torch
 from gan.ema import GeneratorEMA
 from gan.models import build_discriminator
 from gan.sampling import LatentSampler, fixed_latents, step_generator
-from gan.step import GANTrainState, NonFiniteError, StepConfig, train_step
+from gan.step import GANTrainState, NonFiniteError, StepConfig, adam, to_floats, train_step
 from pipeline.artifacts import HISTORY, TRAIN_SAMPLES
 from pipeline.candidates import generator_spec
 from pipeline.checkpoint import TrainingState, save_checkpoint
@@ -91,8 +91,8 @@ def train_loop(config: WorkerConfig, session) -> None:
     betas = (t.beta1, t.beta2)
     state = GANTrainState(
         g, d,
-        torch.optim.Adam(g.parameters(), t.lr_g, betas=betas),
-        torch.optim.Adam(d.parameters(), t.lr_d, betas=betas),
+        adam(g.parameters(), t.lr_g, betas),
+        adam(d.parameters(), t.lr_d, betas),
         # from rank 0's broadcast weights
         GeneratorEMA(g, t.ema_kimg * 1000, t.batch_size * world, t.ema_rampup),
     )  # fmt: skip
@@ -127,22 +127,25 @@ def train_loop(config: WorkerConfig, session) -> None:
         for step in range(start, t.steps):
             if config.faults is not None:
                 config.faults.inject(rank, step, g)
-            try:
-                metrics = train_step(
-                    state, batches, cfg, sampler, step_generator(t.seed, rank, step), step
-                )
-            except NonFiniteError as exc:  # every rank raises at the same step (gan.step)
-                tracker.mark_diverged(exc.step, str(exc))
-                # A sweep's scheduler needs its metric in every result: the worst there is.
-                worst = {"fid_domain": float("inf")} if config.scoring else {}
-                session.report({"step": step, "diverged": True, **worst})
-                return
+            metrics = train_step(
+                state, batches, cfg, sampler, step_generator(t.seed, rank, step), step
+            )
             images += t.batch_size * t.n_critic * world
             done = step + 1
             if done % t.log_every and done % t.checkpoint_every and done != t.steps:
                 continue
-            elapsed = time.perf_counter() - tick
-            metrics |= {"step": done, "images_per_s": images / elapsed, "diverged": False}
+            try:  # the step skips non-finite updates; a report names the first (gan.step)
+                state.divergence.raise_if_diverged()
+            except NonFiniteError as exc:  # every rank raises at the same report
+                tracker.mark_diverged(exc.step, str(exc))
+                # A sweep's scheduler needs its metric in every result: the worst there is.
+                worst = {"fid_domain": float("inf")} if config.scoring else {}
+                session.report({"step": exc.step, "diverged": True, **worst})
+                return
+            elapsed = time.perf_counter() - tick  # after the device caught up (one transfer)
+            metrics = to_floats(metrics) | {
+                "step": done, "images_per_s": images / elapsed, "diverged": False
+            }  # fmt: skip
             saving = done % t.checkpoint_every == 0 or done == t.steps
             if evaluator is not None or saving:  # statistics for the averaged weights
                 state.ema.averaged(sampler, t.seed)

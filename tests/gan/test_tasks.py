@@ -26,13 +26,13 @@ def test_every_task_names_a_known_condition_and_only_two_run_today():
 
 def test_fake_conditions_are_drawn_labels_the_batch_s_own_or_none():
     generator = torch.Generator().manual_seed(0)
-    labels = TASKS["class_conditional"].fake_conditions(None, 500, 10, generator, "cpu")
+    labels = TASKS["class_conditional"].fake_conditions(None, 500, 10, generator)
     assert labels.shape == (500,) and set(labels.tolist()) == set(range(10))
-    assert TASKS["unconditional"].fake_conditions(None, 4, 0, generator, "cpu") is None
+    assert TASKS["unconditional"].fake_conditions(None, 4, 0, generator) is None
     batch = torch.randn(4, 3, 8, 8)
-    assert TASKS["image_to_image"].fake_conditions(batch, 4, 0, generator, "cpu") is batch
+    assert TASKS["image_to_image"].fake_conditions(batch, 4, 0, generator) is batch
     with pytest.raises(ValueError, match="paired task needs the batch's conditions"):
-        TASKS["text_to_image"].fake_conditions(None, 4, 0, generator, "cpu")
+        TASKS["text_to_image"].fake_conditions(None, 4, 0, generator)
 
 
 def test_the_sampler_takes_the_fakes_conditions_from_the_task():
