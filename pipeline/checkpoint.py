@@ -34,6 +34,7 @@ FORMAT = "ganpipe.checkpoint.v1"
 WEIGHTS, STATE = "weights.safetensors", "state.json"
 MODULES = ("generator", "generator_ema", "discriminator")
 OPTIMIZERS = ("opt_g", "opt_d")
+IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")  # not state
 
 
 class CheckpointError(ValueError):
@@ -76,7 +77,12 @@ def _restore_optimizer(
             state.setdefault(int(index), {})[field] = value
     for index, values in meta["scalars"].items():
         state.setdefault(int(index), {}).update(values)
+    # How the optimiser computes (fused, foreach) is this process's choice, not saved state: a
+    # checkpoint from before gan.step.adam must not turn the fused kernel off.
+    built = [{k: g[k] for k in IMPLEMENTATION if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group, implementation in zip(optimizer.param_groups, built, strict=True):
+        group.update(implementation)
 
 
 def _rng_state() -> tuple[dict, dict]:

@@ -6,7 +6,8 @@ cannot be Tune trainables themselves). Trials report every `sweep.eval_every` st
 domain FID/KID of `sweep.eval_samples` EMA samples (pipeline.scoring.TrialEvaluator), so the
 scheduler (ASHA, or FIFO) and the instability stopper act on image quality:
 
-- diverged:      a non-finite loss or gradient (gan.step stops every rank at the same step)
+- diverged:      a non-finite loss or gradient (gan.step skips it and every later update;
+                 every rank reports the first bad step at the next report)
 - d_collapse:    D(x) > 1 - margin and D(G(z)) < margin for `patience` evaluations in a row
 - mode_collapse: the share of classes the featurenet finds in the samples fell below
                  `min_class_coverage` for `patience` evaluations in a row (labeled data only)
@@ -14,10 +15,9 @@ scheduler (ASHA, or FIFO) and the instability stopper act on image quality:
 - early_stopped: ASHA ended it for being behind its rung; completed: it ran every step
 
 Trials are named like single runs plus their Tune trial id (gan-<family>-<hash>-<trial>), so an
-interrupted
-sweep resumed with the same params (`Tuner.restore`) continues its unfinished trials from
-their own checkpoints and does not re-run finished ones. MLflow: one parent run per sweep and a
-child run per trial. Outputs in `train.out_dir`: result.json (per-trial table, stability
+interrupted sweep resumed with the same params (`Tuner.restore`) continues its unfinished trials
+from their own checkpoints and does not re-run finished ones. MLflow: one parent run per sweep
+and a child run per trial. Outputs in `train.out_dir`: result.json (per-trial table, stability
 table, the best `sweep.top_k` trials as candidates for the evaluate stage), candidates/,
 best_params.yaml (params.yaml with the best trial's values), and the best trial's history and
 sample grid.

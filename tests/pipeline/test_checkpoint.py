@@ -83,6 +83,29 @@ def test_round_trip_restores_weights_optimisers_rngs_and_position(tmp_path):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_checkpoint_of_plain_adam_restored_into_fused_adam_keeps_the_fused_kernel(tmp_path):
+    """Checkpoints from before gan.step.adam hold `fused: None` in their param groups; loading
+    one must not turn the kernel that skips non-finite updates on the device off."""
+    from gan.step import adam, skips_on_device
+
+    modules, optimizers = make(0)  # plain Adam
+    train_a_little(modules, optimizers)
+    save_checkpoint(tmp_path / "ckpt", modules, optimizers, STATE_0)
+    fresh_modules, _ = make(1)
+    fused = {
+        "opt_g": adam(fresh_modules["generator"].parameters(), 1e-3, (0.9, 0.999)),
+        "opt_d": adam(fresh_modules["discriminator"].parameters(), 2e-3, (0.9, 0.999)),
+    }
+    load_checkpoint(tmp_path / "ckpt", fresh_modules, fused)
+    assert all(skips_on_device(opt) for opt in fused.values())
+    for name in optimizers:  # the state itself is the saved one
+        saved, loaded = optimizers[name].state_dict(), fused[name].state_dict()
+        assert loaded["param_groups"][0]["lr"] == saved["param_groups"][0]["lr"]
+        for index, values in saved["state"].items():
+            for key, value in values.items():
+                torch.testing.assert_close(value, loaded["state"][index][key], rtol=0, atol=0)
+
+
 def test_files_are_safetensors_and_json_only(tmp_path):
     modules, optimizers = make(0)
     save_checkpoint(tmp_path / "ckpt", modules, optimizers, STATE_0)

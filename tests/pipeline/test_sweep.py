@@ -190,18 +190,19 @@ def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path
         assert process.returncode == returncode, process.stderr.read()[-3000:]
         return {run for run, step in steps_by_trial().items() if step == 60}
 
-    (first,) = interrupt_once_finished(1, signal.SIGINT, 130)
-    first_files = files_of(first)
-    finished = interrupt_once_finished(2, signal.SIGKILL, -9)
-    assert first in finished and files_of(first) == first_files  # not run again
-    (second,) = finished - {first}
-    second_files = files_of(second)
+    finished = interrupt_once_finished(1, signal.SIGINT, 130)
+    # the second trial may reach its end while Tune stops (it trains as it shuts down)
+    files = {run: files_of(run) for run in finished}
+    again = interrupt_once_finished(max(2, len(finished)), signal.SIGKILL, -9)
+    assert finished <= again and len(again) >= 2
+    assert {run: files_of(run) for run in finished} == files  # not run again
+    files = {run: files_of(run) for run in again}
 
     resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((tmp_path / "train" / "result.json").read_text())
     assert [t["stop_reason"] for t in summary["trials"]] == ["completed"] * 3
-    assert files_of(first) == first_files and files_of(second) == second_files
+    assert {run: files_of(run) for run in files} == files  # the finished ones not run again
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ganpipe").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
