@@ -29,7 +29,8 @@ from gan.step import GANTrainState, adam, train_step
 from pipeline.config import load_params
 from pipeline.data import PreparedSplit, RankLoader
 from pipeline.prepare import prepare
-from pipeline.train import build_models, step_config, train
+from pipeline.train import train
+from pipeline.training.loop import build_models, step_config
 
 
 def plain_rate(params) -> float:
