@@ -2,7 +2,8 @@
 
 For a machine with a GPU; without CUDA it exits with a message. The shipped model
 (params.yaml on 16x16 digits: pipeline.training.loop.build_models and step_config, the
-optimisers of gan.step.adam) runs gan.step.train_step over pipeline.data.RankLoader on the GPU, in one process, no Ray:
+optimisers of gan.step.adam) runs gan.step.train_step over pipeline.data.RankLoader on the
+GPU, in one process, no Ray:
 - syncs: `--sync-steps` steps under torch.cuda.set_sync_debug_mode("warn"); every warning is
   one host synchronisation, counted per step and by where it came from (file:line). A report's
   reads (gan.step.to_floats and Divergence.raise_if_diverged) are counted apart.
