@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from gan.export import ExportError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
+from pipeline.console import VERBOSE_ENV, quiet_libraries
 from pipeline.errors import (
     ClusterError,
     DataError,
@@ -208,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ganpipe", description="Distributed GAN training and evaluation pipeline."
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"show Ray's and MLflow's routine logging too (or set {VERBOSE_ENV}=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     params = _params_options()
     validate = commands.add_parser(
@@ -296,6 +303,9 @@ def _report(prefix: str, exc: BaseException) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    quiet_libraries()
     if args.command == "toy":
         return cmd_toy(args)
     problem = _argument_problem(args)

@@ -49,7 +49,7 @@ def connect(params: Params) -> None:
         return
     check_reachable(address)
     try:
-        ray.init(address=address)
+        ray.init(address=address, **_quiet())
     except ConnectionError as exc:  # e.g. token authentication: Ray chains the reason
         reason = str(exc.__cause__ or exc).strip().splitlines()[-1]  # a traceback's last line
         raise ClusterError(
@@ -57,6 +57,16 @@ def connect(params: Params) -> None:
             "A cluster with token authentication needs RAY_AUTH_MODE=token and its token "
             "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
         ) from None
+
+
+def _quiet() -> dict:
+    """ray.init options for the driver's and the workers' logging (pipeline.console)."""
+    import ray
+
+    from pipeline.console import library_log_level
+
+    level = library_log_level()
+    return {"logging_level": level, "logging_config": ray.LoggingConfig(log_level=level)}
 
 
 def start_local_ray(**options) -> None:
@@ -92,7 +102,7 @@ def start_local_ray(**options) -> None:
     os.environ.update(inherited)
     ray_constants.ENABLE_RAY_CLUSTER = False  # node address 127.0.0.1 (read in ray.init)
     try:
-        options = {"dashboard_host": LOOPBACK, **options}
+        options = {"dashboard_host": LOOPBACK, **_quiet(), **options}
         ray.init(address="local", dashboard_port=port, **options)
     finally:  # this process's later Ray instances (tests) must not inherit them
         ray_constants.ENABLE_RAY_CLUSTER = cluster_switch

@@ -52,6 +52,7 @@ from pipeline.artifacts import (
 )
 from pipeline.candidates import generator_from_checkpoint
 from pipeline.config import RANKING_METRICS, Params
+from pipeline.console import say
 from pipeline.data import PreparedSplit
 from pipeline.errors import EvaluationError
 from pipeline.featurenet import fit_classifier, load_featurenet, predict, read_featurenet_info
@@ -105,12 +106,14 @@ def evaluate(params: Params) -> dict:
     sanity = {f"fid_floor_{k[4:]}": v for k, v in floor.items() if k.startswith("fid_")}
     sanity |= {f"is_real_{k[3:]}": v for k, v in floor.items() if k.startswith("is_")}
     timings["floor_s"] = _since(tick)
+    say("evaluate", f"floor (real test against train): {_figures(sanity)} ({timings['floor_s']} s)")
 
     staging = staging_dir(c.out_dir)
     try:
         results, ceilings = {}, {}
-        for candidate in candidates:
+        for number, candidate in enumerate(candidates, 1):
             tick = time.perf_counter()
+            about = f"candidate {number}/{len(candidates)} {candidate.name}"
             scored = {}
             for which in GENERATOR_KINDS:
                 generator, spec, run_params = generator_from_checkpoint(
@@ -122,6 +125,7 @@ def evaluate(params: Params) -> dict:
                 if net is not None:
                     scores |= class_figures(net, fake, spec.num_classes, real_labels)
                 scored[which] = (ready, fake, scores)
+                say("evaluate", f"{about}, {which} generator: {_figures(scores)}")
             choice = choose_generator(
                 {k: v[2] for k, v in scored.items()}, params.register.metric, c.generator
             )
@@ -135,6 +139,7 @@ def evaluate(params: Params) -> dict:
             if "cas" in figures and net is not None:
                 scores |= _cas(fake, spec.num_classes, test_pixels, test_labels, params, device)
             timings[f"candidate_s.{candidate.name}"] = _since(tick)
+            say("evaluate", f"{about}: {choice['generator']} chosen ({_since(tick)} s)")
             if choice["gap_flagged"]:
                 log.warning("candidate %s: %s", candidate.name, choice["gap"])
             results[candidate.name] = {
@@ -162,6 +167,12 @@ def evaluate(params: Params) -> dict:
         shutil.rmtree(staging, ignore_errors=True)
     write_json(c.metrics_file, report)
     return report
+
+
+def _figures(scores: dict) -> str:
+    """The headline figures of a score dict, for a progress line."""
+    keys = ("fid_floor_domain", "fid_domain", "kid_domain", "fid_inception", "isc_inception")
+    return ", ".join(f"{k} {scores[k]:.4g}" for k in keys if _finite(scores.get(k))) or "scored"
 
 
 def prepared_generator(generator: torch.nn.Module, spec, seed: int) -> torch.nn.Module:

@@ -17,6 +17,7 @@ from pipeline.artifacts import HISTORY, TRAIN_SAMPLES
 from pipeline.candidates import generator_spec
 from pipeline.checkpoint import TrainingState, save_checkpoint
 from pipeline.config import Params
+from pipeline.console import quiet_libraries
 from pipeline.data import PreparedSplit, RankLoader
 from pipeline.training.checkpoints import checkpoint_scratch, restore, write_history
 from pipeline.training.identity import check_same_run
@@ -74,6 +75,7 @@ def train_loop(config: WorkerConfig, session) -> None:
     hyperparameters (Population Based Training's exploit): it is not checked against this
     run's identity, and the optimisers take this trial's (mutated) learning rates and betas."""
     config.check()
+    quiet_libraries(config.log_level)
     params = config.params
     t = params.train
     rank, world, device = session.rank, session.world, session.device
@@ -153,7 +155,7 @@ def train_loop(config: WorkerConfig, session) -> None:
                 metrics |= evaluator(state.ema.model, spec)
             tick, images = time.perf_counter(), 0
             history.append(metrics)
-            tracker.log_metrics(metrics, done)
+            tracker.log_metrics(metrics, done, _progress(metrics, t, world))
             to_save = None
             if saving:
                 if t.debug_checks and not weights_agree([g, d, state.ema.model]):
@@ -179,6 +181,18 @@ def train_loop(config: WorkerConfig, session) -> None:
     finally:
         if monitor is not None:
             monitor.finish()
+
+
+def _progress(metrics: dict, t, world: int) -> dict:
+    """What the driver's progress line shows of this report (pipeline.console)."""
+    rate = metrics["images_per_s"]
+    left = (t.steps - metrics["step"]) * t.batch_size * t.n_critic * world
+    keys = ("step", "images_per_s", "loss_d", "loss_g", "fid_domain")
+    return {
+        **{k: metrics[k] for k in keys if k in metrics},
+        "steps": t.steps,
+        "eta_s": left / rate if rate > 0 else None,
+    }
 
 
 def _apply_hyperparameters(state: GANTrainState, t) -> None:

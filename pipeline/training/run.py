@@ -19,6 +19,7 @@ from pipeline.cluster import (
     use_gpu,
 )
 from pipeline.config import Params, flatten
+from pipeline.console import library_log_level
 from pipeline.data import check_data_for_task, check_split_fits_batch
 from pipeline.recipes import recipe_for
 from pipeline.shards import verify_prepared
@@ -174,7 +175,7 @@ def graceful_signals():
 def fit(params: Params, name: str, storage: str, config: WorkerConfig, callbacks=()):
     """Run the TorchTrainer of run `name` on the connected Ray; Ray's Result. `callbacks` are
     Ray Train callbacks (a sweep trial forwards the reports to Tune with one)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -192,6 +193,7 @@ def fit(params: Params, name: str, storage: str, config: WorkerConfig, callbacks
             failure_config=FailureConfig(max_failures=params.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level=library_log_level()),  # no report dumps
         ),
     )
     return trainer.fit()

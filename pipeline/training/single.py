@@ -13,6 +13,7 @@ from pipeline.config import Params
 from pipeline.training.checkpoints import read_history
 from pipeline.training.identity import run_identity, run_name
 from pipeline.training.outputs import write_train_outputs
+from pipeline.training.progress import RunProgress
 from pipeline.training.run import (
     Setup,
     connect_and_tidy,
@@ -22,7 +23,7 @@ from pipeline.training.run import (
     resumable_checkpoint,
     tracked_run,
 )
-from pipeline.training.tracker import DIVERGED_REASON_TAG, DIVERGED_TAG, RunRef
+from pipeline.training.tracker import DIVERGED_REASON_TAG, DIVERGED_TAG, PROGRESS_TAG, RunRef
 from pipeline.training.worker_config import WorkerConfig
 
 
@@ -44,11 +45,12 @@ def train_single(params: Params) -> dict:
             found.state["step"])} if finished else {}  # fmt: skip
         run_id = open_mlflow_run(client, params, name, setup.dataset_hash, resumed)
     else:
-        reopen_run(client, run_id, clear_tags=(DIVERGED_TAG, DIVERGED_REASON_TAG))
+        reopen_run(client, run_id, clear_tags=(DIVERGED_TAG, DIVERGED_REASON_TAG, PROGRESS_TAG))
 
     config = WorkerConfig.build(params, setup.dataset_hash, RunRef(setup.tracking_uri, run_id))
     with tracked_run(client, run_id, "training") as run:
-        result = fit(params, name, setup.storage, config)
+        with RunProgress(client, run_id, f"train {name}"):
+            result = fit(params, name, setup.storage, config)
         diverged_at = client.get_run(run_id).data.tags.get(DIVERGED_TAG)
         reached = int(result.metrics.get("step", 0)) if result.metrics else 0
         if diverged_at is None and reached < params.train.steps:  # aborted gracefully

@@ -36,6 +36,7 @@ from pathlib import Path
 from pipeline.artifacts import candidate_record
 from pipeline.cluster import join, local_checkpoint, read_json, save_json, use_gpu
 from pipeline.config import Choice, Grid, Params, Uniform
+from pipeline.console import verbose
 from pipeline.errors import SweepError
 from pipeline.scoring import TrialEvaluator, TrialScoring
 from pipeline.training.identity import run_name
@@ -261,6 +262,7 @@ def sweep(params: Params) -> dict:
     from ray import tune
 
     from pipeline.tracking import git_commit
+    from pipeline.training.progress import SweepProgress
 
     setup = prepare_training(params)
     dataset, storage, uri, client = (
@@ -308,8 +310,12 @@ def sweep(params: Params) -> dict:
                     search_alg=_search(params, _concurrency(params)),
                 ),  # fmt: skip
                 run_config=tune.RunConfig(
-                    name=name, storage_path=storage, stop=stopper.stopper, verbose=1
-                ),
+                    name=name,
+                    storage_path=storage,
+                    stop=stopper.stopper,
+                    verbose=1 if verbose() else 0,
+                    callbacks=[SweepProgress(f"sweep {name}", params.train.steps)],
+                ),  # fmt: skip
             )
         grid = tuner.fit()
         if _unfinished(path, s.total_trials):  # on SIGINT Tune saves its state and returns

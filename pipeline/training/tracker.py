@@ -3,12 +3,14 @@ system metrics. A worker without a run (untracked) gets `UNTRACKED`, which recor
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+PROGRESS_TAG = "ganpipe.progress"  # rank 0's latest report, for the driver's progress line
 DIVERGED_TAG = "ganpipe.diverged_at_step"
 DIVERGED_REASON_TAG = "ganpipe.diverged_reason"
 
@@ -30,10 +32,12 @@ class RunTracker:
 
         return MlflowClient(self.run.tracking_uri)
 
-    def log_metrics(self, metrics: dict, step: int) -> None:
+    def log_metrics(self, metrics: dict, step: int, progress: dict | None = None) -> None:
+        """The report's metrics at `step`, and (`progress`) the driver's progress line's text
+        as a tag, in one call."""
         if self.run is None:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         batch = [
@@ -41,7 +45,8 @@ class RunTracker:
             for k, v in metrics.items()
             if k not in ("step", "diverged")
         ]
-        self._client().log_batch(self.run.run_id, metrics=batch)
+        tags = [RunTag(PROGRESS_TAG, json.dumps(progress))] if progress else []
+        self._client().log_batch(self.run.run_id, metrics=batch, tags=tags)
 
     def tag(self, key: str, value: str) -> None:
         if self.run is not None:

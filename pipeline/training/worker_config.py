@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.console import library_log_level
 from pipeline.scoring import TrialScoring
 from pipeline.training.faults import FaultPlan, planned_faults
 from pipeline.training.identity import run_identity
@@ -21,6 +22,7 @@ class WorkerConfig:
     scoring: TrialScoring | None = None  # a sweep trial: scored at every report
     pbt: bool = False  # restored checkpoints may come from other trials (PBT's exploit)
     faults: FaultPlan | None = None  # a drill (pipeline.training.faults); None in production
+    log_level: str = "WARNING"  # of Ray's logging in the worker (pipeline.console)
 
     @classmethod
     def build(
@@ -35,7 +37,7 @@ class WorkerConfig:
         tree["prepare"]["out_dir"] = str(Path(params.prepare.out_dir).resolve())
         absolute = Params.model_validate(tree)
         identity = run_identity(absolute, dataset_hash)
-        config = cls(absolute, identity, run, scoring, pbt, planned_faults())
+        config = cls(absolute, identity, run, scoring, pbt, planned_faults(), library_log_level())
         config.check_types()
         return config
 
@@ -44,6 +46,7 @@ class WorkerConfig:
         expected = {
             "params": Params, "identity": dict, "run": (RunRef, type(None)),
             "scoring": (TrialScoring, type(None)), "pbt": bool, "faults": (FaultPlan, type(None)),
+            "log_level": str,
         }  # fmt: skip
         for name, kind in expected.items():
             if not isinstance(getattr(self, name), kind):

@@ -1,6 +1,7 @@
 """The train stage on real Ray (local, CPU, gloo) with a tiny DCGAN on 8x8 digits."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -363,6 +364,13 @@ def test_sigint_stops_within_30_s_keeps_the_checkpoint_and_marks_the_run_killed(
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # the console of a short run (not a terminal): plain progress lines, no Ray report dumps,
+    # no routine INFO logging, no carriage returns
+    console = resumed.stdout + resumed.stderr
+    progress = rf"train gan-dcgan-\w+: step {target:,}/{target:,} \(100%\) \| [\d,]+ img/s"
+    assert re.search(progress, console), console[-3000:]
+    assert "Reporting training result" not in console and "TrainingReport(" not in console
+    assert not re.search(r"\bINFO\b", console) and "\r" not in console, console[-3000:]
     summary = json.loads((tmp_path / "sigint" / "out" / "result.json").read_text())
     assert summary["steps"] == target and summary["mlflow_run_id"] == run.info.run_id
     history = (tmp_path / "sigint" / "out" / "history.csv").read_text().splitlines()
