@@ -238,7 +238,7 @@ def test_champion_challenger_aliases(tmp_path):
         in (other_protocol["message"])
     )
 
-    again = round_("5", {"c": {"fid_domain": 7.0}})  # the same weights as version 3
+    again = round_("5", {"c": {"fid_domain": 11.0}})  # version 3's weights, scored again
     assert (again["version"], again["aliases"]) == (3, ["challenger", "champion"])
     assert again["message"].startswith("already registered as version 3; ")
     versions = client.search_model_versions("name = 'ganpipe-generator'")
@@ -250,12 +250,13 @@ def test_champion_challenger_aliases(tmp_path):
     ranked = client.search_logged_models(
         experiments, order_by=[{"field_name": "metrics.eval.fid_domain", "ascending": True}]
     )
-    assert [version_of[m.model_id] for m in ranked] == [4, 3, 1, 2]  # 1.0, 7.0, 10.0, 12.0
-    history = [m.value for m in client.get_logged_model(ranked[1].model_id).metrics]
-    assert history == [8.0, 7.0]  # version 3 scored again: its new score ranks it
+    assert [version_of[m.model_id] for m in ranked] == [4, 1, 3, 2]  # 1.0, 10.0, 11.0, 12.0
+    history = [m.value for m in client.get_logged_model(ranked[2].model_id).metrics]
+    assert history == [8.0, 11.0]  # version 3 scored again: its latest score ranks it
     below_ten = client.search_logged_models(
         experiments, filter_string="metrics.`eval.fid_domain` < 10"
     )
+    # MLflow 3.17: a filter matches any logged value (version 3's old 8.0), order_by the latest
     assert sorted(version_of[m.model_id] for m in below_ten) == [3, 4]
 
 
