@@ -5,7 +5,12 @@ exported generator as a pyfunc whose artifact holds data only (the safetensors w
 their JSON spec; the MLmodel file names the installed `pipeline.generator_model` as its loader
 module, so no code travels with the model), registers it with tags that identify it (the
 digest of the generator's files, which every loader checks, weights sha256, dataset, params,
-git commit, evaluation protocol and scores) and applies champion/challenger aliases: the new
+git commit, evaluation protocol and scores) with a description that says what it is (family,
+task, raw or EMA weights, data version, primary metric), links the candidate's evaluation
+figures to the version's logged model as its metrics (named as in the training run,
+`eval.<figure>`, at the candidate's training step), so the Models view and
+`MlflowClient.search_logged_models(order_by=[{"field_name": "metrics.eval.fid_domain"}])` rank
+versions by them, and applies champion/challenger aliases: the new
 version is the challenger, and also the champion when it beats the current one under the same
 evaluation protocol. The same generator files (the same digest) registered again reuse their
 version. `register.out_file` is written last, only once all of this worked.
@@ -14,14 +19,16 @@ version. `register.out_file` is written last, only once all of this worked.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import time
 from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -54,6 +61,10 @@ PROTOCOL_ID_TAG = TAG + "protocol_id"
 METRIC_TAG = TAG + "metric."
 GENERATOR_TAG = TAG + "generator"  # ema or raw: which of the run's generators this is
 REFRESHED = (TAG + "protocol", PROTOCOL_ID_TAG, TAG + "primary_metric", TAG + "generator_gap")
+MODEL_METRIC = "eval."  # the prefix of the logged model's metrics, as in the training run
+WEIGHTS_NAMES = {"ema": "EMA weights", "raw": "raw weights"}
+
+log = logging.getLogger(__name__)
 
 
 def register(params: Params) -> dict:
@@ -67,10 +78,9 @@ def register(params: Params) -> dict:
     sha, value = info["weights_sha256"], float(scores[cfg.metric])
     uri = tracking_uri(params)
     client = open_registry(uri)
-    tags = _version_tags(candidate, scores, info, report["protocol"], cfg.metric)
+    tags = _version_tags(candidate, scores, info, report["protocol"], cfg.metric, spec)
     tags[DIGEST_TAG] = digest
-    tags[TAG + "task"] = spec.task
-    description = _description(candidate, scores, cfg.metric, tags[GENERATOR_TAG])
+    description = _description(candidate, scores, cfg.metric, tags)
     try:
         version = _find_version(client, cfg.model_name, digest)
         if version is None:
@@ -85,6 +95,7 @@ def register(params: Params) -> dict:
                     client.set_model_version_tag(cfg.model_name, version.version, key, tag)
             client.update_model_version(cfg.model_name, version.version, description)
             reused = f"already registered as version {version.version}; "
+        _link_metrics(client, version, scores)
         promoted, reason = _decide(client, params, version.version, value, tags[PROTOCOL_ID_TAG])
         client.set_registered_model_alias(cfg.model_name, cfg.challenger_alias, version.version)
         if promoted:
@@ -149,11 +160,19 @@ def best_candidate(candidates: dict[str, dict], metric: str) -> tuple[str, dict]
     return name, eligible[name]
 
 
-def _version_tags(candidate: str, scores: dict, info: dict, protocol: dict, metric: str) -> dict:
+def _figures(scores: dict) -> dict[str, float]:
+    """The candidate's finite evaluation figures that can rank generators (RANKING_METRICS)."""
+    return {k: float(v) for k, v in sorted(scores.items()) if k in RANKING_METRICS and _is_score(v)}
+
+
+def _version_tags(
+    candidate: str, scores: dict, info: dict, protocol: dict, metric: str, spec: GeneratorSpec
+) -> dict:
     """Everything that identifies the registered generator and how it was scored."""
-    metrics = {k: v for k, v in scores.items() if k in RANKING_METRICS and _is_score(v)}
     return {
         TAG + "candidate": candidate,
+        TAG + "family": spec.family,
+        TAG + "task": spec.task,
         TAG + "dataset_hash": info.get("dataset_hash") or protocol.get("dataset_hash", "unknown"),
         TAG + "git_commit": git_commit(),
         TAG + "params": json_tag(info.get("params", {})),
@@ -164,20 +183,54 @@ def _version_tags(candidate: str, scores: dict, info: dict, protocol: dict, metr
         TAG + "primary_metric": metric,
         GENERATOR_TAG: info.get("which", "unknown"),
         TAG + "generator_gap": scores.get("generator_choice", {}).get("gap", "not recorded"),
-        **{METRIC_TAG + k: repr(float(v)) for k, v in sorted(metrics.items())},
+        **{METRIC_TAG + k: repr(v) for k, v in _figures(scores).items()},
     }
 
 
-def _description(candidate: str, scores: dict, metric: str, which: str) -> str:
-    """The model version's description: what it is and why this generator of the run."""
+def _description(candidate: str, scores: dict, metric: str, tags: dict) -> str:
+    """The model version's description (from its tags): what it is, its primary score and why
+    this generator of the run, e.g. "dcgan class_conditional generator (EMA weights) of
+    training run c, data 1a2b3c4d5e6f: fid_domain 12.3 (lower is better). ..."."""
     choice = scores.get("generator_choice", {})
+    which = tags[GENERATOR_TAG]
+    better = "lower" if RANKING_METRICS[metric] == "min" else "higher"
     text = (
-        f"{which} generator of training run {candidate}: {metric} {float(scores[metric]):.4g}. "
-        f"Evaluate scored both the EMA and the raw generator (rule: {choice.get('rule', '?')}); "
-        f"{choice.get('gap', 'no comparison recorded')}."
+        f"{tags[TAG + 'family']} {tags[TAG + 'task']} generator "
+        f"({WEIGHTS_NAMES.get(which, which + ' weights')}) of training run {candidate}, "
+        f"data {tags[TAG + 'dataset_hash'][:12]}: {metric} {float(scores[metric]):.4g} "
+        f"({better} is better). Evaluate scored both the EMA and the raw generator "
+        f"(rule: {choice.get('rule', '?')}); {choice.get('gap', 'no comparison recorded')}."
     )
     warning = "WARNING: the two generators differ a lot. " if choice.get("gap_flagged") else ""
     return warning + text
+
+
+def _link_metrics(client: MlflowClient, version: ModelVersion, scores: dict) -> None:
+    """The candidate's evaluation figures as metrics of the version's logged model, at its
+    training step (logged through the version's run, whose `eval.*` metrics they repeat); the
+    latest ones rank it."""
+    model_id, run = logged_model_id(version), _get_run(client, version.run_id)
+    if model_id is None or run is None or run.info.lifecycle_stage != "active":
+        log.warning(
+            "version %s has no logged model in an active run: its metrics are not linked",
+            version.version,
+        )
+        return
+    now, step = int(time.time() * 1000), int(scores.get("steps", 0))
+    metrics = [
+        Metric(MODEL_METRIC + k, v, now, step, model_id=model_id)
+        for k, v in _figures(scores).items()
+    ]
+    client.log_batch(version.run_id, metrics=metrics)
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The id of the logged model behind a model version, or None for a version registered
+    from a run's artifacts (a sqlite registry keeps the id only in the source `models:/<id>`)."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 
 def _find_version(client: MlflowClient, name: str, digest: str) -> ModelVersion | None:

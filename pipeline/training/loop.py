@@ -22,7 +22,7 @@ from pipeline.data import PreparedSplit, RankLoader
 from pipeline.training.checkpoints import checkpoint_scratch, restore, write_history
 from pipeline.training.identity import check_same_run
 from pipeline.training.sessions import TrainSession
-from pipeline.training.tracker import RunTracker
+from pipeline.training.tracker import SAMPLES_KEY, RunTracker
 from pipeline.training.worker_config import WorkerConfig
 
 
@@ -174,7 +174,7 @@ def train_loop(config: WorkerConfig, session) -> None:
                     save_checkpoint(to_save, modules, optimizers, position)
                     write_history(to_save / HISTORY, history)
                     grid = _save_sample_grid(state.ema.model, params, num_classes, device, to_save)
-                    tracker.log_artifact(grid, f"samples/step_{done:07d}.png")
+                    tracker.log_image(grid, SAMPLES_KEY, done)
             session.report(metrics, to_save)
             if to_save:
                 shutil.rmtree(to_save.parent, ignore_errors=True)

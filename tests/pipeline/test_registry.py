@@ -25,6 +25,7 @@ from pipeline.errors import RegistryError
 from pipeline.registry import (
     GENERATORS,
     best_candidate,
+    logged_model_id,
     register,
 )
 from pipeline.tracking import TAG_VALUE_LIMIT, json_tag, mlflow_at
@@ -161,8 +162,13 @@ def test_register_logs_a_pickle_free_model_with_its_identity_tags(tmp_path, monk
     # which of the run's generators it is, and how the other one compared
     assert tags["ganpipe.generator"] == summary["generator"] == "ema"
     assert tags["ganpipe.generator_gap"] == "ema 9x worse"
-    assert version.description.startswith("WARNING: the two generators differ a lot. ema gen")
-    assert "is_domain 3" in version.description and "ema 9x worse" in version.description
+    assert tags["ganpipe.family"] == "dcgan" and tags["ganpipe.task"] == "unconditional"
+    # what it is, in one paragraph (the Models page shows it first)
+    assert version.description == (
+        "WARNING: the two generators differ a lot. dcgan unconditional generator (EMA weights) "
+        "of training run c, data dddddddddddd: is_domain 3 (higher is better). Evaluate scored "
+        "both the EMA and the raw generator (rule: best); ema 9x worse."
+    )
 
     with mlflow_at(f"sqlite:///{db}"):
         model_dir = Path(
@@ -178,8 +184,14 @@ def test_register_logs_a_pickle_free_model_with_its_identity_tags(tmp_path, monk
     assert flavor["loader_module"] == "pipeline.generator_model" and not flavor.get("code")
     digest = generator_digest(Path(params.evaluate.out_dir) / GENERATORS / "c")
     assert tags["ganpipe.generator_digest"] == summary["generator_digest"] == digest
-    model_id = version.source.removeprefix("models:/")  # the logged model
-    assert client.get_logged_model(model_id).tags["ganpipe.generator_digest"] == digest
+    model_id = logged_model_id(version)  # the logged model
+    assert model_id == version.source.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    assert logged.tags["ganpipe.generator_digest"] == digest
+    # its evaluation figures, at the training step, through the training run
+    figures = {m.key: (m.value, m.step, m.run_id) for m in logged.metrics}
+    assert figures == {"eval.fid_domain": (10.0, 10, training_run),
+                       "eval.is_domain": (3.0, 10, training_run)}  # fmt: skip
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     with mlflow_at(f"sqlite:///{db}"):
@@ -226,10 +238,26 @@ def test_champion_challenger_aliases(tmp_path):
         in (other_protocol["message"])
     )
 
-    again = round_("5", {"c": {"fid_domain": 8.0}})  # the same weights as version 3
+    again = round_("5", {"c": {"fid_domain": 11.0}})  # version 3's weights, scored again
     assert (again["version"], again["aliases"]) == (3, ["challenger", "champion"])
     assert again["message"].startswith("already registered as version 3; ")
-    assert len(client.search_model_versions("name = 'ganpipe-generator'")) == 4
+    versions = client.search_model_versions("name = 'ganpipe-generator'")
+    assert len(versions) == 4
+
+    # the Models view ranks the versions' logged models by their latest evaluation figures
+    version_of = {logged_model_id(v): int(v.version) for v in versions}
+    experiments = sorted({client.get_logged_model(m).experiment_id for m in version_of})
+    ranked = client.search_logged_models(
+        experiments, order_by=[{"field_name": "metrics.eval.fid_domain", "ascending": True}]
+    )
+    assert [version_of[m.model_id] for m in ranked] == [4, 1, 3, 2]  # 1.0, 10.0, 11.0, 12.0
+    history = [m.value for m in client.get_logged_model(ranked[2].model_id).metrics]
+    assert history == [8.0, 11.0]  # version 3 scored again: its latest score ranks it
+    below_ten = client.search_logged_models(
+        experiments, filter_string="metrics.`eval.fid_domain` < 10"
+    )
+    # MLflow 3.17: a filter matches any logged value (version 3's old 8.0), order_by the latest
+    assert sorted(version_of[m.model_id] for m in below_ten) == [3, 4]
 
 
 def test_unusable_registry_fails_fast_and_writes_nothing(tmp_path, monkeypatch):

@@ -1,12 +1,15 @@
-"""MLflow tracking: concurrent trials in the sqlite store, and which runs may be continued."""
+"""MLflow tracking: concurrent trials in the sqlite store, which runs may be continued, and
+sample grids as step images."""
 
 import multiprocessing
 import os
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from pipeline.training.tracker import RunRef, RunTracker
+from pipeline.training.tracker import SAMPLES_KEY, RunRef, RunTracker, image_steps
 
 REPORTS, METRICS = 60, 12
 
@@ -111,3 +114,35 @@ def test_a_finished_run_is_never_continued(store):
     reopen_run(client, killed, clear_tags=("gone",))
     run = client.get_run(killed)
     assert run.info.status == "RUNNING" and "gone" not in run.data.tags
+
+
+def grid_file(directory, step: int):
+    """A small RGB 'sample grid' whose pixels say which step it is from."""
+    pixels = np.zeros((24, 40, 3), np.uint8)
+    pixels[:, :, 0], pixels[: step % 24, :, 1] = step * 10 % 256, 255
+    path = directory / f"grid-{step}.png"
+    Image.fromarray(pixels).save(path)
+    return path, pixels
+
+
+def test_sample_grids_are_step_images_the_ui_reads_back_per_step(store, tmp_path):
+    client = store
+    run_id = client.create_run(client.create_experiment("images")).info.run_id
+    tracker = RunTracker(RunRef(client.tracking_uri, run_id))
+    grids = {step: grid_file(tmp_path, step) for step in (4, 8, 12)}
+    for step, (path, _) in grids.items():
+        tracker.log_image(path, SAMPLES_KEY, step)
+    tracker.log_image(grids[4][0], "other", 4)  # another key has a slider of its own
+    steps = image_steps(client, run_id, SAMPLES_KEY)
+    assert list(steps) == [4, 8, 12] and list(image_steps(client, run_id, "other")) == [4]
+    for step, artifact in steps.items():  # each step's image is that step's grid, unchanged
+        local = client.download_artifacts(run_id, artifact, str(tmp_path / f"down-{step}"))
+        np.testing.assert_array_equal(np.asarray(Image.open(local)), grids[step][1])
+    listed = [a.path for a in client.list_artifacts(run_id, "images")]
+    assert len(listed) == 8  # a full-size png and a thumbnail webp per image
+    assert sum(p.endswith("+compressed.webp") for p in listed) == 4
+    assert client.get_run(run_id).data.tags["mlflow.loggedImages"] == "True"  # the UI's cue
+    # the grid of a step logged again (a resumed run): the newer image is the step's
+    tracker.log_image(grids[12][0], SAMPLES_KEY, 8)
+    assert image_steps(client, run_id, SAMPLES_KEY)[8] not in steps.values()
+    RunTracker(None).log_image(grids[4][0], SAMPLES_KEY, 4)  # untracked: records nothing

@@ -22,6 +22,7 @@ from pipeline.training.identity import (
     run_identity,
     run_name,
 )
+from pipeline.training.tracker import SAMPLES_KEY, image_steps
 
 
 def tiny_params(tmp_path, name, **train):
@@ -146,8 +147,8 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
     assert run.data.tags["ganpipe.num_nodes"] == "1"
     assert run.data.params["train.global_batch_size"] == "128"
     assert "loss_d" in run.data.metrics
-    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert artifacts[-1] == "samples/step_0000012.png"
+    # a grid per checkpoint on the UI's step slider (step 4 from before the kill)
+    assert list(image_steps(client, run.info.run_id, SAMPLES_KEY)) == [4, 8, 12]
     assert (tmp_path / "faulty" / "out" / "samples.png").stat().st_size > 0
 
 
@@ -291,7 +292,8 @@ def test_a_finished_run_is_never_reopened(tmp_path, ray_session, prepared):
 
     first = train(params)
     before = provenance(first["mlflow_run_id"])
-    assert before[0] == "FINISHED" and "samples/step_0000008.png" in before[4]
+    grids = image_steps(client, first["mlflow_run_id"], SAMPLES_KEY)
+    assert before[0] == "FINISHED" and list(grids) == [4, 8] and grids[8] in before[4]
 
     # train.out_dir deleted (dvc repro -f): written again from the checkpoint, the run untouched
     shutil.rmtree(out)
