@@ -179,12 +179,11 @@ def load_checked(data_dir: Path, digest: str, where: str):
         raise RegistryError(f"{where}: {exc}") from None
 
 
-def _count(value, what: str, low: int, high: int, hint: str = "") -> int:
-    """`value` as an int if it is a whole number (not a bool, float or string) in low..high;
-    `hint` ends the message when the record lacks it."""
+def _count(value, what: str, low: int, high: int) -> int:
+    """`value` as an int if it is a whole number (not a bool, float or string) in low..high."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and math.isnan(value):  # the record lacks it
-            raise ValueError(f"{what} is missing: give it in every record{hint}")
+        if _missing(value):  # a record lacks it
+            raise ValueError(f"{what} is missing: give it in every record")
         raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     if not low <= value <= high:
         raise ValueError(f"{what} must be between {low} and {high}, got {value}")
@@ -192,8 +191,32 @@ def _count(value, what: str, low: int, high: int, hint: str = "") -> int:
 
 
 def _missing(value) -> bool:
-    """A record that lacks an optional column another record has: pandas fills in NaN."""
+    """A value a record lacks: None (JSON null), or the NaN pandas fills in for a column that
+    another record has."""
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# What a message about a record lacking an optional column adds
+GIVE_IT = {
+    "label": " (a label of -1 cycles through the classes)",
+    "truncation": " (1 changes nothing)",
+    "interpolate_to_seed": " (a request interpolates in every record or in none)",
+    "interpolation": " (a request interpolates in every record or in none)",
+}
+
+
+def _check_complete(model_input: pd.DataFrame, spec: GeneratorSpec) -> None:
+    """Every optional column that some record gives is in every record: pandas would fill the
+    gaps with NaN and turn the column's integers into floats (3 -> 3.0)."""
+    for field in spec.task_entry.request:
+        if field.required or field.name not in model_input.columns:
+            continue
+        gaps = [i for i, value in enumerate(model_input[field.name]) if _missing(value)]
+        if gaps:
+            raise ValueError(
+                f"record {gaps[0]}: {field.name} is missing: give it in every record"
+                f"{GIVE_IT.get(field.name, '')}"
+            )
 
 
 @dataclass(frozen=True)
@@ -209,34 +232,24 @@ class Request:
 
 
 def _truncation(record: dict, where: str) -> float:
-    value = record.get("truncation", 1.0)
-    if _missing(value):
-        raise ValueError(
-            f"{where}: truncation is missing: give it in every record (1 changes nothing)"
-        )
     try:
-        return check_truncation(value)
+        return check_truncation(record.get("truncation", 1.0))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 
 
 def _interpolation(record: dict, where: str, number: int) -> tuple[int | None, str]:
     """(to_seed or None, method) of a record."""
-    to_seed, method = record.get("interpolate_to_seed"), record.get("interpolation")
+    method = record.get("interpolation", "slerp")
     if "interpolate_to_seed" not in record:
-        if not _missing(method):
+        if "interpolation" in record:
             raise ValueError(
                 f"{where}: interpolation {method!r} given without interpolate_to_seed (the "
                 "seed to interpolate to)"
             )
-        return None, "slerp"
-    hint = " (a request interpolates in every record or in none)"
-    to_seed = _count(to_seed, f"{where}: interpolate_to_seed", *SEED_RANGE, hint)
-    if method is None:
-        method = "slerp"
-    elif _missing(method):
-        raise ValueError(f"{where}: interpolation is missing: give it in every record{hint}")
-    if method not in INTERPOLATIONS:
+        return None, method
+    to_seed = _count(record["interpolate_to_seed"], f"{where}: interpolate_to_seed", *SEED_RANGE)
+    if not isinstance(method, str) or method not in INTERPOLATIONS:
         raise ValueError(
             f"{where}: interpolation must be one of {', '.join(INTERPOLATIONS)}, got {method!r}"
         )
@@ -258,16 +271,14 @@ def check_requests(model_input: pd.DataFrame, spec: GeneratorSpec) -> list[Reque
             f"missing column(s) {', '.join(missing)}: each record has num_images, seed and "
             "(optional) label, truncation, interpolate_to_seed, interpolation"
         )
+    _check_complete(model_input, spec)
     top = spec.num_classes - 1
     rows, total = [], 0
     for i, record in enumerate(model_input.to_dict("records")):
         where = f"record {i}"
         number = _count(record["num_images"], f"{where}: num_images", 1, MAX_IMAGES)
         seed = _count(record["seed"], f"{where}: seed", *SEED_RANGE)
-        label = _count(
-            record.get("label", CYCLE), f"{where}: label", CYCLE, SEED_RANGE[1],
-            " (a label of -1 cycles through the classes)",
-        )  # fmt: skip
+        label = _count(record.get("label", CYCLE), f"{where}: label", CYCLE, SEED_RANGE[1])
         if label != CYCLE and spec.num_classes == 0:
             raise ValueError(
                 f"{where}: label {label} given, but this generator is unconditional (no "
@@ -374,4 +385,21 @@ def _load_pyfunc(data_path: str) -> GeneratorModel:
         raise RegistryError(f"{where}: MLflow loads {data}, its MLmodel names {checked}")
     digest = trusted_digest(model, where, mlflow.get_tracking_uri())
     generator, spec, _ = load_checked(checked, digest, where)
+    _warn_of_dropped_columns(model, spec, where)
     return GeneratorModel(generator, spec)
+
+
+def _warn_of_dropped_columns(model: Model, spec: GeneratorSpec, where: str) -> None:
+    """Say so when the model's signature lacks request columns of its task (a version logged
+    before they existed): MLflow drops such columns from a request before the model sees it."""
+    if model.signature is None:
+        return
+    known = set(model.signature.inputs.input_names())
+    lacking = [f.name for f in spec.task_entry.request if f.name not in known]
+    if lacking:
+        log.warning(
+            "%s: its signature predates the request column(s) %s, so MLflow drops them from "
+            "requests and they have no effect (the images are as if they were not sent); a "
+            "version registered by this ganpipe takes them",
+            where, ", ".join(lacking),
+        )  # fmt: skip

@@ -235,8 +235,8 @@ class LoadedGenerator:
         if name != expected:
             takes = {"sample": "noise", "translate": "an image", "prompt": "a text"}
             raise TypeError(
-                f"{self.model_uri} is a {self.task.name} generator (it takes "
-                f"{takes[expected]}): use .{expected}(), not .{name}()"
+                f"{self.model_uri} is a generator of task {self.task.name!r}, which takes "
+                f"{takes[expected]}: use .{expected}(), not .{name}() (gan/tasks.py)"
             )
 
     @contextlib.contextmanager
