@@ -255,6 +255,15 @@ def load(model_uri: str, tracking_uri: str | None = None) -> LoadedGenerator:
     return LoadedGenerator(generator, spec, info, model_uri)
 
 
+@contextlib.contextmanager
+def _refusals_as_registry_errors():
+    """What a model refuses to answer (a ValueError) as the RegistryError the CLI reports."""
+    try:
+        yield
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
+
+
 def sample(
     model_uri: str,
     num_images: int,
@@ -266,29 +275,8 @@ def sample(
     """`num_images` images (N, C, H, W) in [0, 1] from the model at `model_uri` (see
     `LoadedGenerator.sample`); a request the model cannot answer is a RegistryError."""
     model = load(model_uri, tracking_uri)
-    try:
+    with _refusals_as_registry_errors():
         return model.sample(num_images, seed, label, truncation)
-    except ValueError as exc:
-        raise RegistryError(str(exc)) from None
-
-
-def interpolate(
-    model_uri: str,
-    from_seed: int,
-    to_seed: int,
-    steps: int = 8,
-    method: str = "slerp",
-    label: int | None = None,
-    truncation: float = 1.0,
-    tracking_uri: str | None = None,
-) -> torch.Tensor:
-    """`steps` frames from the model at `model_uri` (see `LoadedGenerator.interpolate`); a
-    request the model cannot answer is a RegistryError."""
-    model = load(model_uri, tracking_uri)
-    try:
-        return model.interpolate(from_seed, to_seed, steps, method, label, truncation)
-    except ValueError as exc:
-        raise RegistryError(str(exc)) from None
 
 
 def image_format_problem(path: str | Path) -> str | None:
@@ -361,8 +349,10 @@ def interpolation_file(
     nrow: int | None = None,
     frame_ms: int = 100,
 ) -> Path:
-    """Write the frames of an interpolation to `out`: a .png grid (`nrow` per row, default all
-    in one row) or a .gif animation (`frame_ms` per frame)."""
-    uri = params_tracking_uri(params) if params is not None else None
-    images = interpolate(model_uri, from_seed, to_seed, steps, method, label, truncation, uri)
+    """Write the frames of `LoadedGenerator.interpolate` to `out`: a .png grid (`nrow` per row,
+    default all in one row) or a .gif animation (`frame_ms` per frame); a request the model
+    cannot answer is a RegistryError."""
+    model = load(model_uri, params_tracking_uri(params) if params is not None else None)
+    with _refusals_as_registry_errors():
+        images = model.interpolate(from_seed, to_seed, steps, method, label, truncation)
     return save_images(images, out, nrow=nrow or len(images), frame_ms=frame_ms)
