@@ -39,7 +39,7 @@ class RequestField:
 
     name: str
     required: bool
-    kind: str  # "count", "seed", "label", "image", "text"
+    kind: str  # "count", "seed", "label", "image", "text", "truncation", "method"
 
 
 @dataclass(frozen=True)
@@ -87,17 +87,27 @@ SEED = RequestField("seed", True, "seed")
 # Accepted even by unconditional models: a label sent to one is refused with a message,
 # where a column missing from the signature would be dropped by MLflow without one.
 LABEL = RequestField("label", False, "label")
+# The sampling tools of every task that draws noise, all optional: a request without them gets
+# what it got before they existed (psi 1 changes nothing; no interpolation). A record with
+# `interpolate_to_seed` asks for `num_images` frames from `seed`'s noise to that seed's, by
+# `interpolation` ("slerp" or "lerp"; gan.sampling.INTERPOLATIONS).
+TRUNCATION = RequestField("truncation", False, "truncation")
+NOISE_TOOLS = (
+    TRUNCATION,
+    RequestField("interpolate_to_seed", False, "seed"),
+    RequestField("interpolation", False, "method"),
+)
 
 TASKS = {
     task.name: task
     for task in (
-        Task("unconditional", "none", (), False, (COUNT, SEED, LABEL), ()),
+        Task("unconditional", "none", (), False, (COUNT, SEED, LABEL, *NOISE_TOOLS), ()),
         Task(
             "class_conditional",
             "label",
             ("label",),
             False,
-            (COUNT, SEED, LABEL),
+            (COUNT, SEED, LABEL, *NOISE_TOOLS),
             ("label_accuracy", "per_class_fid", "cas"),
         ),  # fmt: skip
         Task(
@@ -114,7 +124,7 @@ TASKS = {
             "text",
             ("caption",),
             True,
-            (RequestField("prompt", True, "text"), COUNT, SEED),
+            (RequestField("prompt", True, "text"), COUNT, SEED, *NOISE_TOOLS),
             ("text_alignment",),
             available=False,
         ),  # fmt: skip

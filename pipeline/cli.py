@@ -58,6 +58,24 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _truncation(text: str) -> float:
+    """An argparse type: psi of the truncation trick (gan.sampling.check_truncation)."""
+    from gan.sampling import check_truncation
+
+    try:
+        return check_truncation(float(text))
+    except ValueError as exc:  # float() names the text; check_truncation the range
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _frames(text: str) -> int:
+    """An argparse type: the frames of an interpolation, both ends included (at least 2)."""
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 frames (both ends), got {value}")
+    return value
+
+
 def _params_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
@@ -165,14 +183,36 @@ def cmd_register(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_uri(params: Params, args: argparse.Namespace) -> str:
+    return args.model or f"models:/{params.register.model_name}@{params.register.alias}"
+
+
 def cmd_sample(params: Params, args: argparse.Namespace) -> int:
     from pipeline.serving import sample_grid
 
-    uri = args.model or f"models:/{params.register.model_name}@{params.register.alias}"
+    uri = _model_uri(params, args)
     path = sample_grid(
-        uri, args.out, args.num, args.seed, label=args.label, params=params, nrow=args.nrow
+        uri, args.out, args.num, args.seed, label=args.label, params=params, nrow=args.nrow,
+        truncation=args.truncation,
+    )  # fmt: skip
+    psi = f", truncation {args.truncation:g}" if args.truncation != 1.0 else ""
+    print(f"sample: {args.num} images from {uri} (seed {args.seed}{psi}) -> {path}")
+    return 0
+
+
+def cmd_interpolate(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.serving import interpolation_file
+
+    uri = _model_uri(params, args)
+    path = interpolation_file(
+        uri, args.out, args.from_seed, args.to_seed, args.steps, args.method, args.label,
+        args.truncation, params, args.nrow, args.frame_ms,
+    )  # fmt: skip
+    psi = f", truncation {args.truncation:g}" if args.truncation != 1.0 else ""
+    print(
+        f"interpolate: {args.steps} frames from {uri} (seed {args.from_seed} to "
+        f"{args.to_seed}, {args.method}{psi}) -> {path}"
     )
-    print(f"sample: {args.num} images from {uri} (seed {args.seed}) -> {path}")
     return 0
 
 
@@ -260,6 +300,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--nrow", type=_positive_int, default=8, help="images per grid row")
     sample.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG to write")
+    truncation_help = "truncation psi from 0 to 1: z' = psi * z (default: 1, no truncation)"
+    sample.add_argument("--truncation", type=_truncation, default=1.0, help=truncation_help)
+    interpolate = commands.add_parser(
+        "interpolate",
+        parents=[params],
+        help="write the frames between two seeds' samples as a PNG grid or an animated GIF",
+    )
+    interpolate.add_argument(
+        "--model",
+        help="model URI (default: models:/<register.model_name>@<register.alias>)",
+    )
+    interpolate.add_argument("--from-seed", type=int, required=True, help="the first frame's seed")
+    interpolate.add_argument("--to-seed", type=int, required=True, help="the last frame's seed")
+    interpolate.add_argument(
+        "--steps", type=_frames, default=8, help="frames, both ends included (default: %(default)s)"
+    )
+    interpolate.add_argument(
+        "--method", choices=("slerp", "lerp"), default="slerp",
+        help="slerp: along the sphere, the norm between the ends'; lerp: a straight line "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    interpolate.add_argument(
+        "--label", type=int, help="class of every frame (conditional models; default: class 0)"
+    )
+    interpolate.add_argument("--truncation", type=_truncation, default=1.0, help=truncation_help)
+    interpolate.add_argument(
+        "--nrow", type=_positive_int, help="frames per grid row (.png; default: all in one row)"
+    )
+    interpolate.add_argument(
+        "--frame-ms", type=_positive_int, default=100, help="ms per frame (.gif; default: 100)"
+    )
+    interpolate.add_argument(
+        "--out", type=Path, required=True, help="FILE.png (a grid) or FILE.gif (an animation)"
+    )
     toy = commands.add_parser(
         "toy", help="train a small GAN on a 2-D Gaussian mixture and report mode coverage"
     )
@@ -287,8 +361,12 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
     if args.command == "validate" and args.out is not None:
         problem = output_problem(args.out, create_parents=False)
         return problem and f"--out {args.out}: {problem}"
-    if args.command == "sample":
-        problem = output_problem(args.out, create_parents=True)  # sample_grid creates them
+    if args.command in ("sample", "interpolate"):
+        problem = output_problem(args.out, create_parents=True)  # the writer creates them
+        if problem is None and args.command == "interpolate":
+            from pipeline.serving import image_format_problem
+
+            problem = image_format_problem(args.out)
         return problem and f"--out {args.out}: {problem}"
     return None
 
@@ -325,6 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "evaluate": cmd_evaluate,
         "register": cmd_register,
         "sample": cmd_sample,
+        "interpolate": cmd_interpolate,
     }[args.command]
     try:
         return stage(params, args)

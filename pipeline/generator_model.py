@@ -8,12 +8,17 @@ package and calls `_load_pyfunc` with the model's data directory, the exported g
 loader. The files are then checked against the digest the tracking store pins for the model
 (`trusted_digest`) before a byte of them is parsed. docs/models.md states the trust model.
 
-Request: a DataFrame with columns num_images, seed and (optional) label; each row asks for
+Request: a DataFrame with columns num_images, seed and the optional label, truncation,
+interpolate_to_seed and interpolation (the task's `request` in gan/tasks.py); each row asks for
 `num_images` images from noise seeded by `seed`, all of class `label` (conditional models;
--1, or no label column, cycles through the classes). Each value must be an integer (not a
-bool, a float or a string); every row is checked, and the total (at most MAX_IMAGES), before
-any image is generated. Response: float32 array (N, C, H, W) in [0, 1], the rows' images one
-after another.
+-1, or no label column, cycles through the classes), truncated by `truncation` (psi, 0..1;
+1, or no column, changes nothing). A row with `interpolate_to_seed` asks instead for
+`num_images` (>= 2) frames from `seed`'s noise to that seed's, by `interpolation` ("slerp",
+the default, or "lerp"), all of class `label` (-1: class 0). Counts, seeds and labels must be
+integers (not a bool, a float or a string), truncation a number; an optional column present in
+one record must be in every record. Every row is checked, and the total (at most MAX_IMAGES),
+before any image is generated. Response: float32 array (N, C, H, W) in [0, 1], the rows'
+images one after another.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -35,7 +41,7 @@ from mlflow.tracking import MlflowClient
 
 from gan.export import ExportError, load_generator
 from gan.models import GeneratorSpec
-from gan.sampling import generate
+from gan.sampling import INTERPOLATIONS, check_truncation, generate, interpolate
 from pipeline.errors import RegistryError
 from pipeline.tracking import TrackingError, check_reachable
 
@@ -173,48 +179,120 @@ def load_checked(data_dir: Path, digest: str, where: str):
         raise RegistryError(f"{where}: {exc}") from None
 
 
-def _count(value, what: str, low: int, high: int, hint: str = "") -> int:
-    """`value` as an int if it is a whole number (not a bool, float or string) in low..high;
-    `hint` ends the message when the record lacks it."""
+def _count(value, what: str, low: int, high: int) -> int:
+    """`value` as an int if it is a whole number (not a bool, float or string) in low..high."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        if isinstance(value, float) and math.isnan(value):  # the record lacks it
-            raise ValueError(f"{what} is missing: give it in every record{hint}")
+        if _missing(value):  # a record lacks it
+            raise ValueError(f"{what} is missing: give it in every record")
         raise ValueError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     if not low <= value <= high:
         raise ValueError(f"{what} must be between {low} and {high}, got {value}")
     return int(value)
 
 
-def check_requests(model_input: pd.DataFrame, spec: GeneratorSpec) -> list[tuple]:
-    """(num_images, seed, label or None) for every row, once every row and the total are
-    known to be answerable; ValueError naming the record and the value otherwise."""
+def _missing(value) -> bool:
+    """A value a record lacks: None (JSON null), or the NaN pandas fills in for a column that
+    another record has."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+# What a message about a record lacking an optional column adds
+GIVE_IT = {
+    "label": " (a label of -1 cycles through the classes)",
+    "truncation": " (1 changes nothing)",
+    "interpolate_to_seed": " (a request interpolates in every record or in none)",
+    "interpolation": " (a request interpolates in every record or in none)",
+}
+
+
+def _check_complete(model_input: pd.DataFrame, spec: GeneratorSpec) -> None:
+    """Every optional column that some record gives is in every record: pandas would fill the
+    gaps with NaN and turn the column's integers into floats (3 -> 3.0)."""
+    for field in spec.task_entry.request:
+        if field.required or field.name not in model_input.columns:
+            continue
+        gaps = [i for i, value in enumerate(model_input[field.name]) if _missing(value)]
+        if gaps:
+            raise ValueError(
+                f"record {gaps[0]}: {field.name} is missing: give it in every record"
+                f"{GIVE_IT.get(field.name, '')}"
+            )
+
+
+@dataclass(frozen=True)
+class Request:
+    """One record of a request, checked: what `answer` generates."""
+
+    num_images: int  # images, or frames of an interpolation
+    seed: int
+    label: int | None = None  # None: cycle the classes (an interpolation: class 0)
+    truncation: float = 1.0  # psi; 1 changes nothing
+    to_seed: int | None = None  # interpolate from `seed` to this seed's noise
+    method: str = "slerp"  # how (gan.sampling.INTERPOLATIONS)
+
+
+def _truncation(record: dict, where: str) -> float:
+    try:
+        return check_truncation(record.get("truncation", 1.0))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _interpolation(record: dict, where: str, number: int) -> tuple[int | None, str]:
+    """(to_seed or None, method) of a record."""
+    method = record.get("interpolation", "slerp")
+    if "interpolate_to_seed" not in record:
+        if "interpolation" in record:
+            raise ValueError(
+                f"{where}: interpolation {method!r} given without interpolate_to_seed (the "
+                "seed to interpolate to)"
+            )
+        return None, method
+    to_seed = _count(record["interpolate_to_seed"], f"{where}: interpolate_to_seed", *SEED_RANGE)
+    if not isinstance(method, str) or method not in INTERPOLATIONS:
+        raise ValueError(
+            f"{where}: interpolation must be one of {', '.join(INTERPOLATIONS)}, got {method!r}"
+        )
+    if number < 2:
+        raise ValueError(
+            f"{where}: an interpolation needs num_images of at least 2 (its frames, seed and "
+            f"interpolate_to_seed included), got {number}"
+        )
+    return to_seed, method
+
+
+def check_requests(model_input: pd.DataFrame, spec: GeneratorSpec) -> list[Request]:
+    """The Request of every row, once every row and the total are known to be answerable;
+    ValueError naming the record and the value otherwise."""
     required = [f.name for f in spec.task_entry.request if f.required]
     missing = [c for c in required if c not in model_input.columns]
     if missing:
         raise ValueError(
             f"missing column(s) {', '.join(missing)}: each record has num_images, seed and "
-            "(optional) label"
+            "(optional) label, truncation, interpolate_to_seed, interpolation"
         )
+    _check_complete(model_input, spec)
     top = spec.num_classes - 1
     rows, total = [], 0
     for i, record in enumerate(model_input.to_dict("records")):
-        number = _count(record["num_images"], f"record {i}: num_images", 1, MAX_IMAGES)
-        seed = _count(record["seed"], f"record {i}: seed", *SEED_RANGE)
-        label = _count(
-            record.get("label", CYCLE), f"record {i}: label", CYCLE, SEED_RANGE[1],
-            " (a label of -1 cycles through the classes)",
-        )  # fmt: skip
+        where = f"record {i}"
+        number = _count(record["num_images"], f"{where}: num_images", 1, MAX_IMAGES)
+        seed = _count(record["seed"], f"{where}: seed", *SEED_RANGE)
+        label = _count(record.get("label", CYCLE), f"{where}: label", CYCLE, SEED_RANGE[1])
         if label != CYCLE and spec.num_classes == 0:
             raise ValueError(
-                f"record {i}: label {label} given, but this generator is unconditional (no "
+                f"{where}: label {label} given, but this generator is unconditional (no "
                 "classes); send -1 or no label column"
             )
         if label > top:
             raise ValueError(
-                f"record {i}: label {label} is outside the model's classes 0..{top} (-1 cycles)"
+                f"{where}: label {label} is outside the model's classes 0..{top} (-1 cycles)"
             )
+        truncation = _truncation(record, where)
+        to_seed, method = _interpolation(record, where, number)
         total += number
-        rows.append((number, seed, None if label == CYCLE else label))
+        label = None if label == CYCLE else label
+        rows.append(Request(number, seed, label, truncation, to_seed, method))
     if not 1 <= total <= MAX_IMAGES:
         raise ValueError(
             f"the request asks for {total} images in {len(rows)} records; between 1 and "
@@ -223,20 +301,62 @@ def check_requests(model_input: pd.DataFrame, spec: GeneratorSpec) -> list[tuple
     return rows
 
 
+def _check_label(spec: GeneratorSpec, label: int | None) -> None:
+    if label is not None and spec.num_classes == 0:
+        raise ValueError(f"label {label} given, but this generator is unconditional (no classes)")
+
+
 def to_images(
     generator: torch.nn.Module,
     spec: GeneratorSpec,
     num_images: int,
     seed: int = 0,
     label: int | None = None,
+    truncation: float = 1.0,
 ) -> torch.Tensor:
-    """`num_images` images (N, C, H, W) in [0, 1] from seed-fixed noise; ValueError for a
-    request the model cannot answer (too many images, a label it does not know)."""
+    """`num_images` images (N, C, H, W) in [0, 1] from seed-fixed noise, truncated by
+    `truncation` (psi, 0..1; 1 changes nothing); ValueError for a request the model cannot
+    answer (too many images, a label it does not know, psi out of range)."""
     num_images = _count(num_images, "num_images", 1, MAX_IMAGES)
-    if label is not None and spec.num_classes == 0:
-        raise ValueError(f"label {label} given, but this generator is unconditional (no classes)")
-    images = generate(generator, num_images, spec.z_dim, spec.num_classes, seed, label)
+    _check_label(spec, label)
+    images = generate(
+        generator, num_images, spec.z_dim, spec.num_classes, seed, label, truncation=truncation
+    )
     return ((images + 1) / 2).clamp(0, 1)
+
+
+def interpolation_images(
+    generator: torch.nn.Module,
+    spec: GeneratorSpec,
+    from_seed: int,
+    to_seed: int,
+    steps: int,
+    method: str = "slerp",
+    label: int | None = None,
+    truncation: float = 1.0,
+) -> torch.Tensor:
+    """`steps` frames (K, C, H, W) in [0, 1] from seed `from_seed`'s noise to `to_seed`'s
+    (gan.sampling.interpolate: the ends are `to_images(..., 1, seed)` of either seed); one
+    class `label` in every frame of a conditional model (None: class 0)."""
+    steps = _count(steps, "interpolation steps", 2, MAX_IMAGES)
+    _check_label(spec, label)
+    images = interpolate(
+        generator, spec.z_dim, spec.num_classes, from_seed, to_seed, steps, method, label,
+        truncation,
+    )  # fmt: skip
+    return ((images + 1) / 2).clamp(0, 1)
+
+
+def answer(generator: torch.nn.Module, spec: GeneratorSpec, request: Request) -> torch.Tensor:
+    """The images of one checked request record."""
+    if request.to_seed is None:
+        return to_images(
+            generator, spec, request.num_images, request.seed, request.label, request.truncation
+        )
+    return interpolation_images(
+        generator, spec, request.seed, request.to_seed, request.num_images, request.method,
+        request.label, request.truncation,
+    )  # fmt: skip
 
 
 class GeneratorModel:
@@ -248,7 +368,7 @@ class GeneratorModel:
     def predict(self, model_input: pd.DataFrame, params=None) -> np.ndarray:
         try:
             rows = check_requests(pd.DataFrame(model_input), self.spec)
-            chunks = [to_images(self.generator, self.spec, *row) for row in rows]
+            chunks = [answer(self.generator, self.spec, row) for row in rows]
         except ValueError as exc:  # a request this model cannot answer: HTTP 400 when served
             raise MlflowException(str(exc), INVALID_PARAMETER_VALUE) from None
         return torch.cat(chunks).numpy()  # float32, as `generate` returns
@@ -265,4 +385,21 @@ def _load_pyfunc(data_path: str) -> GeneratorModel:
         raise RegistryError(f"{where}: MLflow loads {data}, its MLmodel names {checked}")
     digest = trusted_digest(model, where, mlflow.get_tracking_uri())
     generator, spec, _ = load_checked(checked, digest, where)
+    _warn_of_dropped_columns(model, spec, where)
     return GeneratorModel(generator, spec)
+
+
+def _warn_of_dropped_columns(model: Model, spec: GeneratorSpec, where: str) -> None:
+    """Say so when the model's signature lacks request columns of its task (a version logged
+    before they existed): MLflow drops such columns from a request before the model sees it."""
+    if model.signature is None:
+        return
+    known = set(model.signature.inputs.input_names())
+    lacking = [f.name for f in spec.task_entry.request if f.name not in known]
+    if lacking:
+        log.warning(
+            "%s: its signature predates the request column(s) %s, so MLflow drops them from "
+            "requests and they have no effect (the images are as if they were not sent); a "
+            "version registered by this ganpipe takes them",
+            where, ", ".join(lacking),
+        )  # fmt: skip

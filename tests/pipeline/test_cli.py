@@ -125,6 +125,7 @@ def test_validate_out_into_a_missing_directory_exits_2_and_writes_nothing(tmp_pa
         (["--nrow", "0"], "--nrow: expected a positive integer, got 0"),
         (["--num", "-3"], "--num: expected a positive integer, got -3"),
         (["--out", "."], "is a directory"),
+        (["--truncation", "1.5"], "--truncation: truncation must be from 0 to 1 (psi: 1 changes"),
     ],
 )
 def test_sample_arguments_are_checked_before_any_model_is_loaded(tmp_path, args, message):
@@ -133,6 +134,28 @@ def test_sample_arguments_are_checked_before_any_model_is_loaded(tmp_path, args,
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("ganpipe sample:")  # usage, then the message
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "walk.jpg"], "--out walk.jpg: expected a .png (a grid) or a .gif (an anima"),
+        (["--out", "w.gif", "--steps", "1"], "--steps: expected at least 2 frames (both ends)"),
+        (["--out", "w.gif", "--method", "cubic"], "--method: invalid choice: 'cubic'"),
+        (["--out", "w.gif", "--truncation", "-1"], "--truncation: truncation must be from 0 to"),
+        (["--to-seed", "2"], "the following arguments are required: --from-seed, --out"),
+    ],
+)
+def test_interpolate_arguments_are_checked_before_any_model_is_loaded(tmp_path, args, message):
+    (tmp_path / "params.yaml").write_text("")
+    seeds = [] if "--to-seed" in args else ["--from-seed", "1", "--to-seed", "2"]
+    result = ganpipe(
+        "interpolate", "--model", str(tmp_path / "no-model"), *seeds, *args, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("ganpipe interpolate")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
 
 
 def test_a_huge_error_message_is_capped_by_the_cli(tmp_path, capsys):

@@ -24,11 +24,14 @@ import pytest
 import torch
 import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
+from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import Schema
 from PIL import Image
 
+import ganpipe
 from gan.export import INFO, WEIGHTS, generator_digest, sha256_file
+from gan.sampling import fixed_latents
 from pipeline.cli import main
 from pipeline.cluster import free_port
 from pipeline.errors import RegistryError
@@ -380,8 +383,25 @@ def test_mlflow_models_serve_answers_requests(registry, tmp_path):
         assert status == 200, body
         images = np.asarray(body["predictions"], dtype=np.float32)
         assert images.shape == (2, 1, 16, 16) and images.min() >= 0 and images.max() <= 1
-        expected = sample(CHAMPION, 2, seed=0, tracking_uri=registry["uri"]).numpy()
-        np.testing.assert_allclose(images, expected, atol=1e-6)
+        g = ganpipe.load(CHAMPION, registry["uri"])
+        np.testing.assert_allclose(images, g.sample(2, seed=0).numpy(), atol=1e-6)
+        # the sampling tools over HTTP: truncation, and a record of interpolation frames
+        tools = [
+            {"num_images": 2, "seed": 0, "truncation": 0.5},
+            {"num_images": 2, "seed": 0, "truncation": 1},
+        ]
+        walk = {"num_images": 4, "seed": 1, "interpolate_to_seed": 2, "interpolation": "lerp"}
+        for records, expected in (
+            (tools, torch.cat([g.sample(2, 0, truncation=0.5), g.sample(2, 0)])),
+            ([walk], g.interpolate(1, 2, steps=4, method="lerp")),
+        ):
+            status, body = _post(f"{base}/invocations", {"dataframe_records": records})
+            assert status == 200, body
+            np.testing.assert_allclose(body["predictions"], expected.numpy(), atol=1e-6)
+        status, body = _post(
+            f"{base}/invocations", {"dataframe_records": [{**tools[0], "truncation": 2}]}
+        )
+        assert status == 400 and "truncation must be from 0 to 1" in body["message"], body
         status, body = _post(
             f"{base}/invocations", {"dataframe_records": [{"num_images": 5000, "seed": 0}]}
         )
@@ -428,3 +448,160 @@ def test_cli_register_and_sample(registry, tmp_path, capsys):
     assert Image.open(png).size == (2 * 18 + 2, 2 * 18 + 2)
     assert main([*args, "--model", f"models:/{NAME}@nope"]) == 1
     assert "has no alias 'nope'" in capsys.readouterr().err
+
+
+def write_params(registry, tmp_path) -> Path:
+    """The registry's params as a params file for the CLI."""
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(registry["params"].model_dump(mode="json")))
+    return path
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_truncation_is_applied_alike_from_python_the_served_model_and_the_cli(
+    registry, champion, tmp_path, capsys
+):
+    g = ganpipe.load(CHAMPION, registry["uri"])
+    plain = g.sample(4, seed=7)
+    assert torch.equal(plain, g.sample(4, seed=7, truncation=1.0))
+    z, _ = fixed_latents(4, g.spec.z_dim, seed=7)
+    with torch.no_grad():  # psi * z through the network itself, mapped to [0, 1]
+        expected = ((g.generator(0.5 * z, None) + 1) / 2).clamp(0, 1)
+    truncated = g.sample(4, seed=7, truncation=0.5)
+    assert torch.equal(truncated, expected) and not torch.equal(truncated, plain)
+    # the served model: old clients (no column) get the untruncated images
+    served = champion.predict(pd.DataFrame([{"num_images": 4, "seed": 7}]))
+    np.testing.assert_array_equal(served, plain.numpy())
+    rows = pd.DataFrame({"num_images": [4, 4], "seed": 7, "truncation": [0.5, 1]})
+    np.testing.assert_array_equal(champion.predict(rows), torch.cat([truncated, plain]).numpy())
+    # the CLI writes the same images
+    params_file, out = write_params(registry, tmp_path), tmp_path / "psi.png"
+    args = ["sample", "--params", str(params_file), "--num", "4", "--seed", "7", "--out", str(out)]
+    assert main([*args, "--truncation", "0.5"]) == 0
+    assert "(seed 7, truncation 0.5)" in capsys.readouterr().out
+    reference = ganpipe.save_images(truncated, tmp_path / "reference.png")
+    np.testing.assert_array_equal(pixels(out), pixels(reference))
+    assert main(args) == 0
+    assert not np.array_equal(pixels(out), pixels(reference))
+
+
+def test_bad_truncation_is_refused_with_the_range(registry, champion, tmp_path, capsys):
+    g = ganpipe.load(CHAMPION, registry["uri"])
+    with pytest.raises(ValueError, match=f"{CHAMPION}: truncation must be from 0 to 1 .* 1.5"):
+        g.sample(2, truncation=1.5)
+    with pytest.raises(MlflowException, match="record 1: truncation must be from 0 to 1 .* -0.5"):
+        champion.predict(pd.DataFrame({"num_images": 1, "seed": 0, "truncation": [1, -0.5]}))
+    with pytest.raises(MlflowException, match=r"record 0: truncation must be a number .* 'x' \("):
+        champion.predict(pd.DataFrame([{"num_images": 1, "seed": 0, "truncation": "x"}]))
+    with pytest.raises(MlflowException, match=r"record 1: truncation is missing: give it in every"):
+        champion.predict(
+            pd.DataFrame(
+                [{"num_images": 1, "seed": 0, "truncation": 0.5}, {"num_images": 1, "seed": 0}]
+            )
+        )
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--truncation", "1.5", "--out", str(tmp_path / "s.png")])
+    assert exit_.value.code == 2
+    assert "argument --truncation: truncation must be from 0 to 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lerp", "slerp"])
+def test_interpolation_ends_at_the_seeds_samples_from_python_the_served_model_and_the_cli(
+    registry, champion, tmp_path, method
+):
+    g = ganpipe.load(CHAMPION, registry["uri"])
+    frames = g.interpolate(1, 2, steps=5, method=method, truncation=0.7)
+    assert frames.shape == (5, 1, 16, 16)
+    for frame, seed in ((frames[0], 1), (frames[-1], 2)):  # to rounding: 5 images, not 1
+        own = g.sample(1, seed=seed, truncation=0.7)[0]
+        torch.testing.assert_close(frame, own, rtol=0, atol=1e-5)
+    assert not torch.allclose(frames[2], frames[0], atol=1e-3)
+    record = {
+        "num_images": 5, "seed": 1, "interpolate_to_seed": 2, "interpolation": method,
+        "truncation": 0.7,
+    }  # fmt: skip
+    np.testing.assert_array_equal(champion.predict(pd.DataFrame([record])), frames.numpy())
+    args = ["interpolate", "--params", str(write_params(registry, tmp_path))]
+    args += ["--from-seed", "1", "--to-seed", "2", "--steps", "5", "--method", method]
+    assert main([*args, "--truncation", "0.7", "--out", str(tmp_path / "walk.gif")]) == 0
+    gif = Image.open(tmp_path / "walk.gif")
+    assert gif.n_frames == 5 and gif.size == (16, 16)
+    expected = frames.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    for i in range(5):
+        gif.seek(i)
+        np.testing.assert_array_equal(np.asarray(gif.convert("L")), expected[i])
+    assert main([*args, "--out", str(tmp_path / "walk.png")]) == 0
+    assert Image.open(tmp_path / "walk.png").size == (5 * 18 + 2, 18 + 2)  # one row of 5
+
+
+def test_interpolation_of_a_conditional_model_keeps_its_label(registry):
+    g = ganpipe.load(f"models:/{CONDITIONAL}@champion", registry["uri"])
+    threes = g.interpolate(4, 5, steps=3, label=3)
+    torch.testing.assert_close(threes[-1], g.sample(1, seed=5, label=3)[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(threes, g.interpolate(4, 5, steps=3), atol=1e-3)  # class 0
+    with pytest.raises(ValueError, match=r"label 10 is outside the model's classes 0..9"):
+        g.interpolate(4, 5, label=10)
+
+
+BAD_INTERPOLATIONS = [
+    ({"interpolate_to_seed": 3, "interpolation": "cubic"}, "interpolation must be one of lerp, "),
+    ({"interpolation": "lerp"}, "interpolation 'lerp' given without interpolate_to_seed"),
+    ({"interpolate_to_seed": 2.5}, r"interpolate_to_seed must be an integer, got 2.5"),
+    (
+        {"interpolate_to_seed": 3, "num_images": 1},
+        "an interpolation needs num_images of at least 2",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "message"), BAD_INTERPOLATIONS)
+def test_bad_interpolation_requests_are_refused(champion, fields, message):
+    with pytest.raises(MlflowException, match=f"record 0: {message}"):
+        champion.predict(pd.DataFrame([{"num_images": 4, "seed": 0, **fields}]))
+
+
+def test_interpolation_is_in_every_record_or_none(champion):
+    rows = [{"num_images": 4, "seed": 0, "interpolate_to_seed": 3}, {"num_images": 1, "seed": 1}]
+    with pytest.raises(MlflowException, match="record 1: interpolate_to_seed is missing: give it"):
+        champion.predict(pd.DataFrame(rows))
+    # the frames of a request count toward its 1024 images
+    with pytest.raises(MlflowException, match="the request asks for 1025 images in 2 records"):
+        champion.predict(
+            pd.DataFrame({"num_images": [1000, 25], "seed": 0, "interpolate_to_seed": 1})
+        )
+
+
+def test_the_front_door_refuses_what_the_task_does_not_take(registry, tmp_path, capsys):
+    g = ganpipe.load(CHAMPION, registry["uri"])
+    assert g.task.name == "unconditional" and g.spec.resolution == 16
+    with pytest.raises(TypeError, match="task 'unconditional', which takes noise: use .sample"):
+        g.translate(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(TypeError, match=r"use .sample\(\), not .prompt\(\)"):
+        g.prompt("a seven")
+    with pytest.raises(ValueError, match="expected a .png .* or a .gif .* not .jpg"):
+        ganpipe.save_images(g.sample(2), tmp_path / "s.jpg")
+    args = ["interpolate", "--from-seed", "0", "--to-seed", "1", "--out", str(tmp_path / "a.jpg")]
+    assert main(args) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_a_model_whose_signature_predates_the_sampling_tools_says_they_are_dropped(
+    registry, tmp_path, caplog
+):
+    local = local_copy(registry, tmp_path)
+    mlmodel = Model.load(local)
+    old = [c for c in mlmodel.signature.inputs.inputs if c.name in ("num_images", "seed", "label")]
+    mlmodel.signature = ModelSignature(Schema(old), mlmodel.signature.outputs)
+    mlmodel.save(local / "MLmodel")
+    with mlflow_at(registry["uri"]), caplog.at_level(logging.WARNING):
+        model = mlflow.pyfunc.load_model(str(local))
+    assert "predates the request column(s) truncation, interpolate_to_seed, interpolation" in (
+        caplog.text
+    )
+    # what the warning is about: MLflow drops the column, the images are untruncated
+    truncated = model.predict(pd.DataFrame([{"num_images": 2, "seed": 0, "truncation": 0.5}]))
+    plain = ganpipe.load(CHAMPION, registry["uri"]).sample(2, seed=0)
+    np.testing.assert_array_equal(truncated, plain.numpy())
