@@ -6,7 +6,7 @@ Two arms train on the same prepared train split, one after the other, in one run
                 shipped params.yaml with the prepare section taken from the arguments, the
                 --set overrides, and every output path inside the workdir. The champion is the
                 candidate the register stage would pick (register.metric); its figures are the
-                evaluate stage's own (metrics/evaluate.json), for the exported generator and,
+                evaluate stage's own (models/evaluate/report.json), for the exported generator and,
                 where the file has them, for its raw and EMA generators separately.
 - classic loop: the DCGAN recipe of Radford et al. 2016 as the plain single-process PyTorch
                 loop a user would write (below, sharing no code with gan/): ConvTranspose2d

@@ -2,8 +2,9 @@
 reading a stage's JSON output with an error that says which stage to re-run.
 
 One place for the file and folder names a stage writes and a later one reads (the train
-stage's result.json and candidates/, evaluate's generators/), so that a stage depending on
-another's output imports a name, not the other stage's code. Nothing here imports torch.
+stage's result.json and candidates/, evaluate's report.json and generators/), so that a stage
+depending on another's output imports a name, not the other stage's code. Nothing here
+imports torch.
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ from pipeline.errors import DataError
 
 # <train.out_dir>
 RESULT = "result.json"  # what a run or a sweep trained: its candidates, figures, provenance
+TRAIN_METRICS = "metrics.json"  # DVC metrics: its figures that compare (pipeline.metrics_files)
 BEST_PARAMS = "best_params.yaml"  # the params of the run (a sweep's best trial)
 CANDIDATES = "candidates"  # candidates/<run name>: each candidate's final checkpoint
 HISTORY = "history.csv"  # the reported metrics of the (best) run, one row per report
 TRAIN_SAMPLES = "samples.png"  # the (best) run's last in-loop sample grid
-TRAIN_OUTPUTS = (RESULT, BEST_PARAMS, CANDIDATES, HISTORY, TRAIN_SAMPLES)
+TRAIN_OUTPUTS = (RESULT, TRAIN_METRICS, BEST_PARAMS, CANDIDATES, HISTORY, TRAIN_SAMPLES)
 TRAIN_STAGE, TRAIN_OUT_DIR_KEY = "train", "train.out_dir"
 
 # <evaluate.out_dir>
 GENERATORS = "generators"  # generators/<candidate>: the exported generator evaluate scored
 EVALUATE_SAMPLES = "samples"  # samples/<candidate>.png
-EVALUATE_OUTPUTS = (EVALUATE_SAMPLES, GENERATORS)
+EVALUATE_REPORT = "report.json"  # every candidate's scores, the protocol, the sanity figures
+EVALUATE_OUTPUTS = (EVALUATE_SAMPLES, GENERATORS, EVALUATE_REPORT)
 EVALUATE_STAGE, EVALUATE_OUT_DIR_KEY = "evaluate", "evaluate.out_dir"
+EVALUATE_METRICS_DIR_KEY = "evaluate.metrics_dir"
 
 
 @dataclass(frozen=True)

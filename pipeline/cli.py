@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gan.export import ExportError
+from pipeline.artifacts import EVALUATE_REPORT
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import DEFAULT_PARAMS_FILE, Params, ParamsError, load_params
 from pipeline.console import VERBOSE_ENV, quiet_libraries
@@ -168,7 +169,8 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
         value = scores.get(metric)
         shown = f"{value:.4f}" if isinstance(value, float) else "n/a"
         print(f"evaluate {name}: {metric} {shown}")
-    print(f"evaluate: {params.evaluate.metrics_file}")
+    report_file = Path(params.evaluate.out_dir) / EVALUATE_REPORT
+    print(f"evaluate: {report_file}; DVC metrics in {params.evaluate.metrics_dir}")
     return 0
 
 

@@ -19,10 +19,11 @@ Sanity figures frame the numbers: the FID floor (the real test split against the
 split), the FID ceiling (an untrained generator of the same architecture) and the IS of the
 real test split.
 
-Outputs: `evaluate.metrics_file` (DVC metrics), and in `evaluate.out_dir` a sample grid per
-candidate (DVC plots) and the exported generator the register stage packages; all written
-only once everything was computed. Metrics, protocol and grids also go to each candidate's
-MLflow run.
+Outputs: in `evaluate.out_dir` report.json (every figure, the protocol, the generator choice,
+the sanity figures), a sample grid per candidate (DVC plots) and the exported generator the
+register stage packages; in `evaluate.metrics_dir` the DVC metrics (pipeline.metrics_files:
+c1.json ... per candidate, real.json); all written only once everything was computed.
+Metrics, protocol and grids also go to each candidate's MLflow run.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from gan.ema import NORM_STATISTICS_SAMPLES, refresh_statistics
 from gan.export import save_generator, sha256_file
 from gan.sampling import LatentSampler, mix_seed
 from pipeline.artifacts import (
+    EVALUATE_METRICS_DIR_KEY,
     EVALUATE_OUT_DIR_KEY,
     EVALUATE_OUTPUTS,
+    EVALUATE_REPORT,
     EVALUATE_SAMPLES,
     EVALUATE_STAGE,
     GENERATORS,
@@ -58,6 +61,7 @@ from pipeline.errors import EvaluationError
 from pipeline.featurenet import fit_classifier, load_featurenet, predict, read_featurenet_info
 from pipeline.fidelity import INCEPTION, inception_weights, real_images
 from pipeline.files import check_output_dir, replace_entries, staging_dir, write_json
+from pipeline.metrics_files import check_metrics_dir, evaluation_metrics, write_metrics_dir
 from pipeline.scoring import (
     COVERAGE_SHARE,
     Scorer,
@@ -80,11 +84,12 @@ GAP_TAG = "ganpipe.eval.generator_gap"
 
 
 def evaluate(params: Params) -> dict:
-    """Score every candidate; write the metrics file, grids and exported generators."""
+    """Score every candidate; write the report, metrics, grids and exported generators."""
     c = params.evaluate
     check_output_dir(
         c.out_dir, EVALUATE_STAGE, EVALUATE_OUT_DIR_KEY, names=EVALUATE_OUTPUTS
     )  # before any work
+    check_metrics_dir(c.metrics_dir, EVALUATE_STAGE, EVALUATE_METRICS_DIR_KEY)
     manifest = verify_prepared(params.prepare.out_dir, ["train", "test"])
     uri = tracking_uri(params)
     check_reachable(uri)
@@ -162,10 +167,13 @@ def evaluate(params: Params) -> dict:
             "timings": timings,
         }
         _log_to_runs(uri, report, staging)
+        write_json(staging / EVALUATE_REPORT, report)
         replace_entries(staging, Path(c.out_dir), EVALUATE_STAGE, EVALUATE_OUT_DIR_KEY)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    write_json(c.metrics_file, report)
+    write_metrics_dir(
+        c.metrics_dir, evaluation_metrics(report), EVALUATE_STAGE, EVALUATE_METRICS_DIR_KEY
+    )
     return report
 
 

@@ -50,6 +50,7 @@ from pipeline.files import (
     staging_dir,
     write_json,
 )
+from pipeline.metrics_files import featurenet_metrics
 
 FORMAT = "ganpipe.featurenet.v2"  # v2: one convolution at full resolution (v1 had two)
 EARLIER_FORMATS = ("ganpipe.featurenet.v1",)  # outputs of ours that a re-run may replace
@@ -197,7 +198,7 @@ def train_featurenet(params: Params) -> dict:
         )
         info = {"format": FORMAT, "available": False, "reason": reason}
         _save(Path(config.out_dir), None, info | {"dataset_hash": train.dataset_hash})
-        write_json(config.metrics_file, {"available": False})
+        write_json(config.metrics_file, featurenet_metrics({}))
         return {"available": False, "reason": reason}
     num_classes = len(train.class_names)
     _print_progress(
@@ -251,7 +252,7 @@ def train_featurenet(params: Params) -> dict:
         **report,
     }
     _save(Path(config.out_dir), net, info)
-    write_json(config.metrics_file, report)
+    write_json(config.metrics_file, featurenet_metrics(report))
     return report
 
 

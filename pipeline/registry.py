@@ -39,7 +39,7 @@ from mlflow.types.schema import AnyType
 
 from gan.export import generator_digest, load_generator
 from gan.models import GeneratorSpec
-from pipeline.artifacts import GENERATORS, read_stage_json
+from pipeline.artifacts import EVALUATE_REPORT, GENERATORS, read_stage_json
 from pipeline.config import RANKING_METRICS, Params, metric_extractor
 from pipeline.errors import RegistryError
 from pipeline.files import write_json
@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 def register(params: Params) -> dict:
     """Register the best candidate, promote it if it beats the champion, write out_file."""
     cfg = params.register
-    report = _read_evaluation(params.evaluate.metrics_file)
+    report = _read_evaluation(Path(params.evaluate.out_dir) / EVALUATE_REPORT)
     candidate, scores = best_candidate(report["candidates"], cfg.metric)
     directory = Path(params.evaluate.out_dir) / GENERATORS / candidate
     _, spec, info = load_generator(directory)  # the weights are the ones described
@@ -122,7 +122,7 @@ def register(params: Params) -> dict:
 
 
 def _read_evaluation(path: str | Path) -> dict:
-    """The evaluate stage's metrics file (protocol and per-candidate scores)."""
+    """The evaluate stage's report (protocol and per-candidate scores)."""
     report = read_stage_json(path, "evaluate", RegistryError)
     missing = [key for key in ("protocol", "candidates") if key not in report]
     if missing or "id" not in report.get("protocol", {}):

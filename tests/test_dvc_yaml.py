@@ -52,10 +52,53 @@ def test_every_declared_param_is_a_key_of_the_schema():
             assert not key or key in fields, f"{stage}: unknown key {entry}"
 
 
+def _declared(kind: str) -> dict[str, dict]:
+    """Each stage's `kind` entries (outs or metrics): path -> its options ({} for none)."""
+    return {
+        (next(iter(e)) if isinstance(e, dict) else e): (next(iter(e.values())) or {})
+        if isinstance(e, dict) else {}
+        for spec in STAGES["stages"].values()
+        for e in spec.get(kind, [])
+    }  # fmt: skip
+
+
+def _plotted() -> dict[str, list[str]]:
+    """The files the top-level plots show -> the columns plotted from them (none: images)."""
+    files: dict[str, list[str]] = {}
+    for plot in STAGES["plots"]:
+        name, spec = next(iter(plot.items())) if isinstance(plot, dict) else (plot, None)
+        if spec and isinstance(spec.get("y"), dict):  # {id: {x, y: {file: columns}}}
+            for file, columns in spec["y"].items():
+                columns = columns if isinstance(columns, list) else [columns]
+                files.setdefault(file, []).extend([spec["x"], *columns])
+        else:
+            files.setdefault(name, [])
+    return files
+
+
 def test_metrics_and_plots_are_outputs_of_some_stage():
-    outputs = set()
-    for spec in STAGES["stages"].values():
-        for entry in spec.get("outs", []) + spec.get("metrics", []):
-            outputs.add(next(iter(entry)) if isinstance(entry, dict) else entry)
-    plotted = [next(iter(p)) if isinstance(p, dict) else p for p in STAGES["plots"]]
-    assert plotted and set(plotted) <= outputs
+    outputs = set(_declared("outs")) | set(_declared("metrics"))
+    assert _plotted() and set(_plotted()) <= outputs
+
+
+def test_the_metrics_are_what_the_stages_write_and_are_committed_to_git():
+    """Metrics in git (cache: false) stay readable in a fresh clone of any commit; the paths
+    are the schema's defaults and the train stage's metrics file name."""
+    from pipeline.artifacts import TRAIN_METRICS
+
+    defaults = Params()
+    assert _declared("metrics") == {
+        defaults.featurenet.metrics_file: {"cache": False},
+        f"{defaults.train.out_dir}/{TRAIN_METRICS}": {"cache": False},
+        defaults.evaluate.metrics_dir: {"cache": False},
+    }
+    ignored = (REPO_ROOT / ".gitignore").read_text().split()
+    assert not any(p.strip("/") in ("metrics", "metrics/evaluate") for p in ignored)
+
+
+def test_the_loss_and_d_plots_show_what_the_training_step_reports():
+    from gan.step import D_KEYS, G_KEYS
+
+    history = _plotted()["models/train/history.csv"]
+    assert {"step", "loss_d", "loss_g", "d_real", "d_fake", "fid_domain"} <= set(history)
+    assert set(history) - {"step", "fid_domain"} <= set(D_KEYS + G_KEYS)

@@ -340,7 +340,7 @@ class FeaturenetParams(Section):
     seed: Int = Field(0, ge=0, description="seeds weights and data order")
     out_dir: str = Field("models/featurenet", description="weights and their description")
     metrics_file: str = Field(
-        "metrics/featurenet.json", description="DVC metrics: accuracy on train and test"
+        "metrics/featurenet.json", description="DVC metrics: held-out accuracy, training time"
     )
 
 
@@ -380,9 +380,11 @@ class EvaluateParams(Section):
     cache_dir: str = Field(
         ".cache/fidelity", description="real-data features, reused across candidates and runs"
     )
-    out_dir: str = Field("models/evaluate", description="per-candidate sample grids")
-    metrics_file: str = Field(
-        "metrics/evaluate.json", description="DVC metrics: every candidate's scores, the protocol"
+    out_dir: str = Field(
+        "models/evaluate", description="report.json (scores, protocol), grids, generators"
+    )
+    metrics_dir: str = Field(
+        "metrics/evaluate", description="DVC metrics: c1.json ... per candidate, real.json"
     )
 
     @model_validator(mode="after")

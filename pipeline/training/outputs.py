@@ -1,6 +1,7 @@
 """The train stage's outputs in train.out_dir, written by one writer for single runs and sweeps:
-result.json, candidates/<run>, the (best) run's history and sample grid, best_params.yaml;
-each replacing its earlier version only once all are written, and only entries ganpipe wrote."""
+result.json, metrics.json (DVC metrics), candidates/<run>, the (best) run's history and sample
+grid, best_params.yaml; each replacing its earlier version only once all are written, and only
+entries ganpipe wrote."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pipeline.artifacts import (
     CANDIDATES,
     HISTORY,
     RESULT,
+    TRAIN_METRICS,
     TRAIN_OUT_DIR_KEY,
     TRAIN_OUTPUTS,
     TRAIN_SAMPLES,
@@ -22,6 +24,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config import Params
 from pipeline.files import check_output_dir, replace_entries, staging_dir, write_json
+from pipeline.metrics_files import train_metrics
 from pipeline.params_yaml import dump_yaml
 
 # A candidate's checkpoint as a local directory for the time of a copy.
@@ -40,9 +43,9 @@ def check_train_outputs(params: Params) -> None:
 def write_train_outputs(
     out: Path, result: dict, checkpoints: list[LocalCheckpoint], best_params: dict | None
 ) -> None:
-    """result.json; candidates/<name> from each of `checkpoints` (in the order of result's
-    candidates; the first, the best, also gives history.csv and samples.png); best_params.yaml
-    from `best_params` (a params tree without `sweep`) when there is one."""
+    """result.json and metrics.json; candidates/<name> from each of `checkpoints` (in the order
+    of result's candidates; the first, the best, also gives history.csv and samples.png);
+    best_params.yaml from `best_params` (a params tree without `sweep`) when there is one."""
     staging = staging_dir(out)
     try:
         (staging / CANDIDATES).mkdir()
@@ -56,6 +59,7 @@ def write_train_outputs(
         if best_params is not None:
             (staging / BEST_PARAMS).write_text(dump_yaml(best_params))
         write_json(staging / RESULT, result)
+        write_json(staging / TRAIN_METRICS, train_metrics(result))
         replace_entries(staging, out, TRAIN_STAGE, TRAIN_OUT_DIR_KEY, earlier_train_outputs)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -34,6 +34,7 @@ from pipeline.evaluate import (
 )
 from pipeline.featurenet import load_featurenet, read_featurenet_info, train_featurenet
 from pipeline.fidelity import FEATURENET
+from pipeline.metrics_files import evaluation_metrics
 from pipeline.prepare import prepare
 from pipeline.scoring import Scorer, class_figures
 from pipeline.shards import read_manifest
@@ -60,7 +61,7 @@ def eval_params(root, model=None, evaluate=None, prepare_=None, featurenet=None)
                 "kid_subsets": 20,
                 "cache_dir": str(root / "cache"),
                 "out_dir": str(root / "evaluate"),
-                "metrics_file": str(root / "metrics" / "evaluate.json"),
+                "metrics_dir": str(root / "metrics" / "evaluate"),
                 **(evaluate or {}),
             },
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},
@@ -115,8 +116,16 @@ def scored(tmp_path_factory):
 
 def test_every_candidate_gets_every_metric_under_a_recorded_protocol(scored):
     root, params, report, _ = scored
-    written = json.loads((root / "metrics" / "evaluate.json").read_text())
+    written = json.loads((root / "evaluate" / "report.json").read_text())
     assert written == json.loads(json.dumps(report))
+    # DVC's metrics: a file per candidate in the report's order (c2, the conditional one, has
+    # the class figures), and the real data's
+    metrics = {p.name: json.loads(p.read_text()) for p in (root / "metrics" / "evaluate").iterdir()}
+    assert metrics == {f"{k}.json": v for k, v in evaluation_metrics(report).items()}
+    assert set(metrics) == {"c1.json", "c2.json", "real.json"}
+    assert {"accuracy", "cas", "fid_class"} <= set(metrics["c2.json"]) - set(metrics["c1.json"])
+    assert metrics["c1.json"]["fid"] == pytest.approx(report["candidates"]["plain"]["fid_domain"],
+                                                      rel=1e-3)  # fmt: skip
     protocol = report["protocol"]
     assert protocol["feature_extractors"]["domain"]["name"] == "ganpipe-featurenet"
     assert protocol["num_samples"] == 500 and protocol["split"] == "train"
@@ -234,7 +243,7 @@ def test_real_features_are_cached_once_per_dataset_extractor_and_split(scored):
 
 def test_bad_inputs_fail_clearly_and_leave_outputs_untouched(scored, capsys):
     root, params, _, _ = scored
-    outputs = tree_digest(root / "evaluate"), (root / "metrics" / "evaluate.json").read_bytes()
+    outputs = tree_digest(root / "evaluate"), tree_digest(root / "metrics" / "evaluate")
     too_big = eval_params(root, evaluate={"kid_subset_size": 500})
     with pytest.raises(EvaluationError, match="kid_subset_size \\(500\\) exceeds the 359 images"):
         evaluate(too_big.model_copy(update={"evaluate": too_big.evaluate.model_copy(
@@ -256,9 +265,7 @@ def test_bad_inputs_fail_clearly_and_leave_outputs_untouched(scored, capsys):
     params_file.write_text(json.dumps(wrong.model_dump(mode="json")))
     assert main(["evaluate", "--params", str(params_file)]) == 1
     assert "inception_weights" in capsys.readouterr().err
-    assert (tree_digest(root / "evaluate"), (root / "metrics" / "evaluate.json").read_bytes()) == (
-        outputs
-    )
+    assert (tree_digest(root / "evaluate"), tree_digest(root / "metrics" / "evaluate")) == outputs
 
 
 class Oracle(torch.nn.Module):
@@ -312,7 +319,7 @@ def test_scoring_against_the_test_split(scored):
         evaluate={
             "split": "test",
             "out_dir": str(root / "evaluate-test"),
-            "metrics_file": str(root / "metrics" / "evaluate-test.json"),
+            "metrics_dir": str(root / "metrics" / "evaluate-test"),
         },
     )
     report = evaluate(params)
@@ -366,7 +373,7 @@ def test_pickles_planted_in_the_feature_cache_never_run_during_evaluate(scored, 
     planted = params.model_copy(update={
         "evaluate": params.evaluate.model_copy(update={
             "cache_dir": str(cache), "out_dir": str(tmp_path / "evaluate"),
-            "metrics_file": str(tmp_path / "evaluate.json"),
+            "metrics_dir": str(tmp_path / "metrics-evaluate"),
         }),
         "tracking": params.tracking.model_copy(update={"uri": f"sqlite:///{tmp_path / 'm.db'}"}),
     })  # fmt: skip

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import http.server
 import json
+import math
 import pickle
 import shutil
 import threading
@@ -56,7 +57,7 @@ def rgb_setup(tmp_path, image_folder):
     return params
 
 
-def test_inception_metrics_with_local_weights(rgb_setup, random_inception_weights):
+def test_inception_metrics_with_local_weights(rgb_setup, random_inception_weights, tmp_path):
     report = evaluate(rgb_setup(inception=True, inception_weights=str(random_inception_weights)))
     scores = report["candidates"]["plain"]
     for metric in ("fid", "is", "kid", "precision", "recall"):
@@ -67,6 +68,15 @@ def test_inception_metrics_with_local_weights(rgb_setup, random_inception_weight
     assert extractors["inception"]["name"] == "inception-v3-compat"
     assert len(extractors["inception"]["sha256"]) == 64
     assert report["inception"]["status"] == "computed"
+    shown = json.loads((tmp_path / "metrics" / "evaluate" / "c1.json").read_text())
+    finite = {
+        m
+        for m in ("fid", "is", "kid", "precision", "recall")
+        if math.isfinite(scores[f"{m}_inception"])
+    }  # random weights: IS may be NaN
+    assert "fid" in finite and set(shown["inception"]) == finite
+    assert "fid" in shown and "inception" in json.loads(
+        (tmp_path / "metrics" / "evaluate" / "real.json").read_text())  # fmt: skip
 
 
 def test_inception_skipped_with_a_recorded_reason_when_weights_cannot_be_had(
@@ -79,7 +89,7 @@ def test_inception_skipped_with_a_recorded_reason_when_weights_cannot_be_had(
     assert "set evaluate.inception_weights" in report["inception"]["reason"]
     assert "fid_domain" in report["candidates"]["plain"]
     assert not any(k.endswith("_inception") for k in report["candidates"]["plain"])
-    written = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    written = json.loads((tmp_path / "evaluate" / "report.json").read_text())
     assert written["inception"] == report["inception"]
 
 
@@ -126,7 +136,8 @@ def test_wrong_or_unsafe_inception_weights_fail_clearly(rgb_setup, tmp_path):
     unsafe.write_bytes(pickle.dumps(MarkerPickle(marker)))
     with pytest.raises(EvaluationError, match="not torch-fidelity's Inception-v3 state dict"):
         evaluate(rgb_setup(inception=True, inception_weights=str(unsafe)))
-    assert not (tmp_path / "metrics" / "evaluate.json").exists()
+    assert not (tmp_path / "evaluate" / "report.json").exists()
+    assert not (tmp_path / "metrics" / "evaluate").exists()
     assert not marker.exists()
     # torch-fidelity itself builds this class, so a file swapped after the check is safe too.
     registry = torch_fidelity.registry.FEATURE_EXTRACTORS_REGISTRY

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from gan.export import generator_digest, save_generator
 from gan.models import GeneratorSpec
+from pipeline.artifacts import EVALUATE_REPORT
 from pipeline.cluster import free_port
 from pipeline.config import validate_params
 from pipeline.errors import RegistryError
@@ -47,7 +48,7 @@ def evaluation(
     spec: GeneratorSpec = SPEC,
     **register,
 ):
-    """Params whose evaluate outputs (metrics file and exported generators, in `root`) hold
+    """Params whose evaluate outputs (report.json and exported generators, in `root`) hold
     `candidates` ({name: scores}); each generator's weights are seeded by its name, so the
     same name gives the same weights. The tracking store is the sqlite file `db`."""
     out = root / "evaluate"
@@ -82,9 +83,10 @@ def evaluation(
         },
         "inception": {"status": "skipped", "reason": "evaluate.inception is false"},
     }
-    (root / "evaluate.json").write_text(json.dumps(report))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / EVALUATE_REPORT).write_text(json.dumps(report))
     return validate_params({
-        "evaluate": {"metrics_file": str(root / "evaluate.json"), "out_dir": str(out)},
+        "evaluate": {"out_dir": str(out)},
         "register": {"out_file": str(root / "registered.json"), **register},
         "tracking": {"uri": f"sqlite:///{db}"},
     })  # fmt: skip
@@ -106,10 +108,11 @@ def test_best_candidate_follows_the_metric_direction_and_skips_diverged():
 
 
 def test_inputs_the_evaluate_stage_did_not_write_are_clear_errors(tmp_path):
-    params = validate_params({"evaluate": {"metrics_file": str(tmp_path / "none.json")}})
-    with pytest.raises(RegistryError, match="none.json is missing: run the evaluate stage"):
+    params = validate_params({"evaluate": {"out_dir": str(tmp_path / "none")}})
+    with pytest.raises(RegistryError, match="none/report.json is missing: run the evaluate stage"):
         register(params)
-    (tmp_path / "none.json").write_text(json.dumps({"candidates": {}}))
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / EVALUATE_REPORT).write_text(json.dumps({"candidates": {}}))
     with pytest.raises(RegistryError, match="lacks protocol: not written by the evaluate"):
         register(params)
 
