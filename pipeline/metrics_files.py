@@ -7,7 +7,7 @@ files. So the files share a vocabulary (`fid`, `is`, `seconds`, ...) and the eva
 writes one file per candidate into a directory: a sweep's candidates add rows, not columns.
 
     metrics/featurenet.json       accuracy (held-out), seconds (training)
-    models/train/metrics.json     images/s (last report) | a sweep: trials, steps (all trials')
+    models/train/metrics.json     images/s (last report) | a sweep: steps (all trials' together)
     metrics/evaluate/c1.json ...  a candidate's chosen generator: fid, is, kid, precision,
                                   recall, coverage, seconds; where the task has them accuracy
                                   (samples showing their class), cas, fid_class (per-class
@@ -69,9 +69,9 @@ def featurenet_metrics(report: dict) -> dict:
 
 def train_metrics(result: dict) -> dict:
     """models/train/metrics.json from result.json's contents: a single run's throughput at its
-    last report, or how many trials a sweep ran and the steps they trained together."""
+    last report, or the steps a sweep's trials trained together (early stopping lowers it)."""
     if "trials" in result:
-        return _figures([("trials", len(result["trials"])), ("steps", result.get("trial_steps"))])
+        return _figures([("steps", result.get("trial_steps"))])
     return _figures([("images/s", result.get("final_metrics", {}).get("images_per_s"))])
 
 

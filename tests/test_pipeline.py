@@ -212,7 +212,7 @@ def test_a_sweep_through_dvc_repro_labels_unstable_trials_and_hands_the_best_on(
     assert set(evaluated["candidates"]) == stable
     shown = json.loads(sh("dvc", "metrics", "show", "--json").stdout)[""]["data"]
     assert {"metrics/evaluate/c1.json", "metrics/evaluate/c2.json"} <= set(shown)  # a row each
-    assert shown["models/train/metrics.json"]["data"]["trials"] == 4
+    assert shown["models/train/metrics.json"]["data"]["steps"] == result["trial_steps"] > 0
     assert_readable(sh("dvc", "metrics", "show").stdout)
     sh("dvc", "plots", "show")
     assert '"fid_domain"' in (root / "dvc_plots" / "index.html").read_text()  # FID over steps

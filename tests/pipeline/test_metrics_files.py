@@ -109,7 +109,7 @@ def test_task_figures_inception_a_sweep_and_non_finite_values():
     assert c1["inception"] == {"fid": 31.25, "precision": 0.6}
     assert "kid" not in c1  # a diverged candidate's NaN is left out, not written as NaN
     sweep = {"trials": [{"trial_id": "1"}, {"trial_id": "2"}, {}], "trial_steps": 500}
-    assert train_metrics(sweep) == {"trials": 3, "steps": 500}
+    assert train_metrics(sweep) == {"steps": 500}
     assert featurenet_metrics({"available": False, "reason": "unlabeled"}) == {}
 
 
