@@ -18,7 +18,7 @@ from gan.ema import GeneratorEMA
 from gan.models.mlp import MLPDiscriminator, MLPGenerator
 from gan.regularizers import apply_spectral_norm
 from gan.sampling import LatentSampler, fixed_latents, step_generator
-from gan.step import GANTrainState, StepConfig, train_step
+from gan.step import GANTrainState, StepConfig, to_floats, train_step
 
 Tensor = torch.Tensor
 
@@ -126,11 +126,12 @@ def train_toy_gan(cfg: ToyGANConfig) -> dict:
             yield mixture.sample(cfg.batch_size, data_rng), None
 
     batches = real_batches()
-    last: dict[str, float] = {}
+    last: dict = {}
     for step in range(cfg.steps):
         last = train_step(
             state, batches, step_cfg, sampler, step_generator(cfg.seed, 0, step), step
         )
+    state.divergence.raise_if_diverged()  # NonFiniteError naming the first bad update
     z, _ = fixed_latents(cfg.eval_samples, cfg.z_dim, seed=cfg.seed + 1)
     with torch.no_grad():
         coverage = mode_coverage(state.ema.averaged(sampler, cfg.seed)(z), mixture)
@@ -139,5 +140,5 @@ def train_toy_gan(cfg: ToyGANConfig) -> dict:
         "config": asdict(cfg),
         "coverage": asdict(coverage),  # of the EMA generator
         "raw_coverage": asdict(raw),
-        "last_step": last,
+        "last_step": to_floats(last),
     }
