@@ -227,7 +227,8 @@ def test_population_based_training_exploits_checkpoints_with_the_new_learning_ra
     tree["ray"] |= {"storage_path": str(tmp_path / "runs"), "cpus_per_worker": 0.5}
     summary = train(validate_params(tree))
     assert len(summary["trials"]) == 4 and len(summary["candidates"]) == 2
-    assert all(t["steps"] == 60 for t in summary["trials"])
+    ended = [(t["steps"], t["stop_reason"], t["config"]) for t in summary["trials"]]
+    assert all(t["steps"] == 60 for t in summary["trials"]), ended
     exploits = list((tmp_path / "runs").rglob("pbt_policy_*.txt"))
     assert exploits, "PBT never exploited a better trial"
 
