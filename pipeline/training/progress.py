@@ -76,7 +76,7 @@ class SweepProgress(Callback):
 def sweep_text(trials: list[tuple[str, dict]], steps: int) -> str:
     """The sweep's line from (Tune status, last result) per trial."""
     running = sum(status == "RUNNING" for status, _ in trials)
-    pending = sum(status == "PENDING" for status, _ in trials)
+    pending = sum(status in ("PENDING", "PAUSED") for status, _ in trials)  # PAUSED: PBT
     ended = [r for status, r in trials if status in ("TERMINATED", "ERROR")]
     stopped = sum(r.get("step", 0) < steps for r in ended)
     fids = [r["fid_domain"] for _, r in trials if math.isfinite(r.get("fid_domain", math.inf))]

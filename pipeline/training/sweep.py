@@ -380,7 +380,9 @@ def _summarize(setup: Setup, grid, reasons: dict, name: str, parent: str, experi
             trials.append({"trial_id": None, "config": result.config, "stop_reason": "error"})
             continue
         trial_id = str(frame["trial_id"].iloc[-1])
-        steps = int(frame["step"].max())
+        # A PBT trial restored from another's checkpoint may start a new progress file, so
+        # its frame can lack the last rows: its last result (result.metrics) has them.
+        steps = max(int(frame["step"].max()), int((result.metrics or {}).get("step", 0)))
         fids = [f for f in frame["fid_domain"] if math.isfinite(f)]
         diverged = bool(frame.get("diverged", False).astype(bool).any())
         reason = reasons.get(trial_id) or (
