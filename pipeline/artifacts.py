@@ -10,6 +10,7 @@ imports torch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,11 @@ class Candidate:
     mlflow_run_id: str | None
     diverged: bool
     steps: int
+
+
+def is_score(value) -> bool:
+    """A figure a stage reported: a finite int or float (not a bool, not NaN or infinite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def candidate_record(name: str, run_id: str | None, steps: int, diverged: bool = False) -> dict:

@@ -51,6 +51,7 @@ from pipeline.artifacts import (
     EVALUATE_SAMPLES,
     EVALUATE_STAGE,
     GENERATORS,
+    is_score,
     list_candidates,
 )
 from pipeline.candidates import generator_from_checkpoint
@@ -180,7 +181,7 @@ def evaluate(params: Params) -> dict:
 def _figures(scores: dict) -> str:
     """The headline figures of a score dict, for a progress line."""
     keys = ("fid_floor_domain", "fid_domain", "kid_domain", "fid_inception", "isc_inception")
-    return ", ".join(f"{k} {scores[k]:.4g}" for k in keys if _finite(scores.get(k))) or "scored"
+    return ", ".join(f"{k} {scores[k]:.4g}" for k in keys if is_score(scores.get(k))) or "scored"
 
 
 def prepared_generator(generator: torch.nn.Module, spec, seed: int) -> torch.nn.Module:
@@ -196,7 +197,7 @@ def choose_generator(scores: dict[str, dict], metric: str, rule: str) -> dict:
 
     `metric` is register.metric; when the two were not both scored on it (CAS is computed for
     the chosen generator only, Inception may be off), FID in featurenet features decides."""
-    if not all(_finite(s.get(metric)) for s in scores.values()):
+    if not all(is_score(s.get(metric)) for s in scores.values()):
         metric = "fid_domain" if all("fid_domain" in s for s in scores.values()) else None
     if metric is None:
         gap = "no metric both generators were scored on"
@@ -223,10 +224,6 @@ def choose_generator(scores: dict[str, dict], metric: str, rule: str) -> dict:
         "gap_flagged": gap_flagged,
         "gap": gap,
     }
-
-
-def _finite(value) -> bool:
-    return isinstance(value, float) and math.isfinite(value)
 
 
 def _featurenet(params: Params, manifest: dict):

@@ -25,11 +25,11 @@ diverged candidate's) are left out.
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 from pathlib import Path
 
+from pipeline.artifacts import is_score
 from pipeline.files import check_output_dir, replace_dir, staging_dir, write_json
 
 FIGURE_DIGITS = 4  # significant digits: FID's run-to-run noise is far above the fourth
@@ -51,7 +51,7 @@ CANDIDATE_FILE = re.compile(r"c[1-9][0-9]*\.json|" + REAL + r"\.json")
 
 def figure(value) -> float | int | None:
     """`value` rounded to FIGURE_DIGITS significant digits; None if it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_score(value):
         return None
     return value if isinstance(value, int) else float(f"{value:.{FIGURE_DIGITS}g}")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from importlib.metadata import version as installed_version
 from pathlib import Path
@@ -39,7 +38,7 @@ from mlflow.types.schema import AnyType
 
 from gan.export import generator_digest, load_generator
 from gan.models import GeneratorSpec
-from pipeline.artifacts import EVALUATE_REPORT, GENERATORS, read_stage_json
+from pipeline.artifacts import EVALUATE_REPORT, GENERATORS, is_score, read_stage_json
 from pipeline.config import RANKING_METRICS, Params, metric_extractor
 from pipeline.errors import RegistryError
 from pipeline.files import write_json
@@ -133,10 +132,6 @@ def _read_evaluation(path: str | Path) -> dict:
     return report
 
 
-def _is_score(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def best_candidate(candidates: dict[str, dict], metric: str) -> tuple[str, dict]:
     """The non-diverged candidate with the best `metric` (RANKING_METRICS says which way)."""
     present = sorted({k for c in candidates.values() for k, v in c.items() if k in RANKING_METRICS})
@@ -148,7 +143,7 @@ def best_candidate(candidates: dict[str, dict], metric: str) -> tuple[str, dict]
     eligible = {
         name: c
         for name, c in candidates.items()
-        if not c.get("diverged") and _is_score(c.get(metric))
+        if not c.get("diverged") and is_score(c.get(metric))
     }
     if not eligible:
         raise RegistryError(
@@ -162,7 +157,7 @@ def best_candidate(candidates: dict[str, dict], metric: str) -> tuple[str, dict]
 
 def _figures(scores: dict) -> dict[str, float]:
     """The candidate's finite evaluation figures that can rank generators (RANKING_METRICS)."""
-    return {k: float(v) for k, v in sorted(scores.items()) if k in RANKING_METRICS and _is_score(v)}
+    return {k: float(v) for k, v in sorted(scores.items()) if k in RANKING_METRICS and is_score(v)}
 
 
 def _version_tags(
