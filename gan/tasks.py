@@ -8,8 +8,8 @@ Each layer reads the task's entry in TASKS instead of branching on "has classes"
     step        where the fake samples' conditions come from (`paired`): drawn at random
                 (class labels), or the real batch's own (an input image, a caption)
     evaluate    the figures that apply beyond FID/IS/KID/precision-recall (`metrics`)
-    export,     what a request carries (`request`), the MLflow signature made from it, and
-    serving     what comes back (`output`: always an image batch)
+    export,     what a request carries (`request`) and the MLflow signature made from it;
+    serving     every task answers with an image batch
 
 Two tasks run today (unconditional, class_conditional). image_to_image and text_to_image are
 declared so the contract is shaped by them; they plug in by filling their entries, with a
@@ -39,7 +39,6 @@ class RequestField:
 
     name: str
     required: bool
-    kind: str  # "count", "seed", "label", "image", "text", "truncation", "method"
 
 
 @dataclass(frozen=True)
@@ -51,15 +50,10 @@ class Task:
     request: tuple[RequestField, ...]
     metrics: tuple[str, ...]  # evaluation figures that apply beyond the unconditional set
     available: bool = True  # False: declared for the design, refused with a message
-    output: str = "image"
 
     def __post_init__(self):
         if self.condition not in CONDITIONS:
             raise ValueError(f"task {self.name}: condition {self.condition!r} not in {CONDITIONS}")
-
-    @property
-    def conditional(self) -> bool:
-        return self.condition != "none"
 
     def check_available(self) -> None:
         if not self.available:
@@ -82,20 +76,20 @@ class Task:
         return torch.randint(0, num_classes, (n,), generator=generator)
 
 
-COUNT = RequestField("num_images", True, "count")
-SEED = RequestField("seed", True, "seed")
+COUNT = RequestField("num_images", True)
+SEED = RequestField("seed", True)
 # Accepted even by unconditional models: a label sent to one is refused with a message,
 # where a column missing from the signature would be dropped by MLflow without one.
-LABEL = RequestField("label", False, "label")
+LABEL = RequestField("label", False)
 # The sampling tools of every task that draws noise, all optional: a request without them gets
 # what it got before they existed (psi 1 changes nothing; no interpolation). A record with
 # `interpolate_to_seed` asks for `num_images` frames from `seed`'s noise to that seed's, by
 # `interpolation` ("slerp" or "lerp"; gan.sampling.INTERPOLATIONS).
-TRUNCATION = RequestField("truncation", False, "truncation")
+TRUNCATION = RequestField("truncation", False)
 NOISE_TOOLS = (
     TRUNCATION,
-    RequestField("interpolate_to_seed", False, "seed"),
-    RequestField("interpolation", False, "method"),
+    RequestField("interpolate_to_seed", False),
+    RequestField("interpolation", False),
 )
 
 TASKS = {
@@ -115,7 +109,7 @@ TASKS = {
             "image",
             ("input_image",),
             True,
-            (RequestField("image", True, "image"), RequestField("seed", False, "seed")),
+            (RequestField("image", True), RequestField("seed", False)),
             ("paired_l1", "paired_perceptual"),
             available=False,
         ),  # fmt: skip
@@ -124,7 +118,7 @@ TASKS = {
             "text",
             ("caption",),
             True,
-            (RequestField("prompt", True, "text"), COUNT, SEED, *NOISE_TOOLS),
+            (RequestField("prompt", True), COUNT, SEED, *NOISE_TOOLS),
             ("text_alignment",),
             available=False,
         ),  # fmt: skip
