@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import Params
@@ -22,7 +22,8 @@ class WorkerConfig:
     scoring: TrialScoring | None = None  # a sweep trial: scored at every report
     pbt: bool = False  # restored checkpoints may come from other trials (PBT's exploit)
     faults: FaultPlan | None = None  # a drill (pipeline.training.faults); None in production
-    log_level: str = "WARNING"  # of Ray's logging in the worker (pipeline.console)
+    # of Ray's and MLflow's logging in the worker: the driver's (pipeline.console)
+    log_level: str = field(default_factory=library_log_level)
 
     @classmethod
     def build(
@@ -37,7 +38,7 @@ class WorkerConfig:
         tree["prepare"]["out_dir"] = str(Path(params.prepare.out_dir).resolve())
         absolute = Params.model_validate(tree)
         identity = run_identity(absolute, dataset_hash)
-        config = cls(absolute, identity, run, scoring, pbt, planned_faults(), library_log_level())
+        config = cls(absolute, identity, run, scoring, pbt, planned_faults())
         config.check_types()
         return config
 
