@@ -66,10 +66,10 @@ from pipeline.artifacts import list_candidates
 from pipeline.candidates import generator_from_checkpoint
 from pipeline.cluster import ADDRESS_ENV, STORAGE_ENV, is_remote, storage_root
 from pipeline.config import Params, load_params, parse_yaml, validate_params
-from pipeline.data import PreparedSplit
+from pipeline.data import PreparedSplit, quantize
 from pipeline.evaluate import evaluate, prepared_generator
 from pipeline.featurenet import load_featurenet, train_featurenet
-from pipeline.fidelity import quantize, real_images
+from pipeline.fidelity import real_images
 from pipeline.prepare import prepare
 from pipeline.registry import best_candidate
 from pipeline.scoring import Scorer, class_figures, domain_extractor

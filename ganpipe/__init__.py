@@ -12,6 +12,8 @@
   text (a TypeError naming the task otherwise).
 - `save_images(images, out, nrow=8, frame_ms=100)`: a .png grid or a .gif animation.
 - `fetch_verified(model_uri, destination, tracking_uri=None)`: a checked copy to serve.
+- `synthesize(SynthesisRequest(model_uri, num_images, out, ...))`: a labeled synthetic dataset
+  (an image folder prepare reads, or prepared shards) with its provenance.
 - `RegistryError`: a model that cannot be found or trusted.
 
 They live in pipeline/serving.py, which checks every model as all ganpipe load paths do (data
@@ -30,6 +32,8 @@ EXPORTS = {
     "fetch_verified": "pipeline.serving",
     "load": "pipeline.serving",
     "save_images": "pipeline.serving",
+    "SynthesisRequest": "pipeline.synthesize",
+    "synthesize": "pipeline.synthesize",
 }
 __all__ = sorted(EXPORTS)
 

@@ -34,6 +34,14 @@ EVALUATE_OUTPUTS = (EVALUATE_SAMPLES, GENERATORS, EVALUATE_REPORT)
 EVALUATE_STAGE, EVALUATE_OUT_DIR_KEY = "evaluate", "evaluate.out_dir"
 EVALUATE_METRICS_DIR_KEY = "evaluate.metrics_dir"
 
+# <augment.out_dir>
+AUGMENT_REPORT = "report.json"  # accuracy with and without synthetic images, per candidate
+AUGMENT_TABLE = "accuracy.csv"  # the DVC plot: accuracy against real images per class
+AUGMENT_PLOT = "accuracy.png"
+AUGMENT_OUTPUTS = (AUGMENT_REPORT, AUGMENT_TABLE, AUGMENT_PLOT)
+AUGMENT_STAGE, AUGMENT_OUT_DIR_KEY = "augment", "augment.out_dir"
+AUGMENT_METRICS_DIR_KEY = "augment.metrics_dir"
+
 
 @dataclass(frozen=True)
 class Candidate:

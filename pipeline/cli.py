@@ -28,6 +28,7 @@ from pipeline.errors import (
     EvaluationError,
     RegistryError,
     SweepError,
+    SynthesisError,
     shorten,
 )
 from pipeline.files import OutputError
@@ -39,7 +40,7 @@ from pipeline.training.identity import ResumeMismatchError
 # Errors that mean "the input is wrong" (data, files, URIs, servers), reported in one line.
 BAD_INPUT = (
     SourceError, DataError, TrackingError, ResumeMismatchError, CheckpointError, ExportError,
-    EvaluationError, RegistryError, SweepError, ClusterError, OutputError,
+    EvaluationError, RegistryError, SweepError, ClusterError, OutputError, SynthesisError,
 )  # fmt: skip
 EXIT_BAD_INPUT = 1
 EXIT_BAD_PARAMS = 2
@@ -174,6 +175,24 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_augment(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.augment import augment
+
+    report = augment(params)
+    if not report["enabled"]:
+        print("augment: off (augment.enabled: false)")
+        return 0
+    for name, result in report["candidates"].items():
+        print(
+            f"augment {name}: accuracy {result['accuracy']:.4f} with synthetic images "
+            f"({report['headline_ratio']}, mean over the shots), gain "
+            f"{result['augment_gain']:+.4f} over real only, "
+            f"{result['augment_gain_vs_classical']:+.4f} over classical; "
+            f"CAS {result['augment_cas']:.4f}"
+        )
+    return 0
+
+
 def cmd_register(params: Params, args: argparse.Namespace) -> int:
     from pipeline.registry import register
 
@@ -214,6 +233,39 @@ def cmd_interpolate(params: Params, args: argparse.Namespace) -> int:
     print(
         f"interpolate: {args.steps} frames from {uri} (seed {args.from_seed} to "
         f"{args.to_seed}, {args.method}{psi}) -> {path}"
+    )
+    return 0
+
+
+def _class_weights(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated non-negative numbers, one per class."""
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, one per class (e.g. 1,1,2), got {text!r}"
+        ) from None
+    return weights
+
+
+def cmd_synthesize(params: Params, args: argparse.Namespace) -> int:
+    from pipeline.synthesize import SynthesisRequest, synthesize
+    from pipeline.tracking import tracking_uri
+
+    request = SynthesisRequest(
+        model_uri=_model_uri(params, args), num_images=args.num, out=str(args.out),
+        format=args.format, seed=args.seed, truncation=args.truncation,
+        class_weights=args.class_weights, min_confidence=args.min_confidence,
+        featurenet_dir=str(args.featurenet or params.featurenet.out_dir),
+        chunk_size=args.chunk_size, tracking_uri=tracking_uri(params),
+    )  # fmt: skip
+    made = synthesize(request)
+    labels = made["labels"]["source"]
+    rejected = f", {made['rejected_share']:.1%} of samples rejected" if made["rejected"] else ""
+    print(
+        f"synthesize: {made['num_images']} images from {request.model_uri} (version "
+        f"{made['model_version'] or '-'}, labels: {labels}{rejected}) -> {args.out} "
+        f"({args.format})"
     )
     return 0
 
@@ -282,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="FID/IS/KID/precision-recall of every trained candidate (DVC stage)",
     )
     commands.add_parser(
+        "augment",
+        parents=[params],
+        help="measure what the generators' images add to a classifier of few real images "
+        "(DVC stage)",
+    )
+    commands.add_parser(
         "register",
         parents=[params],
         help="register the best candidate in the MLflow Model Registry (DVC stage)",
@@ -336,6 +394,41 @@ def build_parser() -> argparse.ArgumentParser:
     interpolate.add_argument(
         "--out", type=Path, required=True, help="FILE.png (a grid) or FILE.gif (an animation)"
     )
+    synth = commands.add_parser(
+        "synthesize",
+        parents=[params],
+        help="write a labeled synthetic dataset from a registered model (image folder or shards)",
+    )
+    synth.add_argument(
+        "--model",
+        help="model URI (default: models:/<register.model_name>@<register.alias>)",
+    )
+    synth.add_argument("--num", type=_positive_int, required=True, help="images to write")
+    synth.add_argument("--out", type=Path, required=True, help="the dataset's directory (new)")
+    synth.add_argument(
+        "--format", choices=("imagefolder", "parquet"), default="imagefolder",
+        help="imagefolder: <class>/<index>.png, what prepare reads; parquet: prepared shards "
+        "with a manifest (default: %(default)s)",
+    )  # fmt: skip
+    synth.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    synth.add_argument("--truncation", type=_truncation, default=1.0, help=truncation_help)
+    synth.add_argument(
+        "--class-weights", type=_class_weights,
+        help="conditional models: the share of each class, e.g. 1,1,2 (default: balanced)",
+    )  # fmt: skip
+    synth.add_argument(
+        "--min-confidence", type=float, default=0.9,
+        help="unconditional models: keep a sample when the featurenet's softmax probability "
+        "of its class reaches this (default: %(default)s)",
+    )  # fmt: skip
+    synth.add_argument(
+        "--featurenet", type=Path,
+        help="unconditional models: the labeling featurenet (default: featurenet.out_dir)",
+    )  # fmt: skip
+    synth.add_argument(
+        "--chunk-size", type=_positive_int, default=1024,
+        help="images drawn, written and resumable at a time (default: %(default)s)",
+    )  # fmt: skip
     toy = commands.add_parser(
         "toy", help="train a small GAN on a 2-D Gaussian mixture and report mode coverage"
     )
@@ -403,9 +496,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "featurenet": cmd_featurenet,
         "train": cmd_train,
         "evaluate": cmd_evaluate,
+        "augment": cmd_augment,
         "register": cmd_register,
         "sample": cmd_sample,
         "interpolate": cmd_interpolate,
+        "synthesize": cmd_synthesize,
     }[args.command]
     try:
         return stage(params, args)

@@ -47,6 +47,16 @@ def to_float(images: np.ndarray | Tensor, device: torch.device | str = "cpu") ->
     return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
+def quantize(images: Tensor) -> Tensor:
+    """Generated float images in [-1, 1] (N, C, H, W) as uint8, the way a PNG stores them."""
+    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+
+
+def to_nhwc(images: Tensor) -> np.ndarray:
+    """Generated float images in [-1, 1] (N, C, H, W) as uint8 NHWC (what shards hold)."""
+    return quantize(images).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 class PreparedSplit:
     """One verified split of the prepared data, read shard by shard."""
 

@@ -22,6 +22,11 @@ class SweepError(ValueError):
     """A sweep cannot run as configured on this cluster (trials that can never be placed)."""
 
 
+class SynthesisError(ValueError):
+    """A synthesis request that cannot be answered (pipeline.synthesize, the augment stage);
+    the message says what to change."""
+
+
 class ClusterError(ConnectionError):
     """The Ray cluster named by RAY_ADDRESS (or ray.address) cannot be joined."""
 

@@ -57,7 +57,7 @@ from pipeline.artifacts import (
 from pipeline.candidates import generator_from_checkpoint
 from pipeline.config import RANKING_METRICS, Params
 from pipeline.console import say
-from pipeline.data import PreparedSplit
+from pipeline.data import PreparedSplit, to_nhwc
 from pipeline.errors import EvaluationError
 from pipeline.featurenet import fit_classifier, load_featurenet, predict, read_featurenet_info
 from pipeline.fidelity import INCEPTION, inception_weights, real_images
@@ -69,7 +69,6 @@ from pipeline.scoring import (
     class_figures,
     domain_extractor,
     sample_images,
-    to_nhwc,
 )
 from pipeline.shards import verify_prepared
 from pipeline.tracking import check_reachable, json_tag, tracking_uri

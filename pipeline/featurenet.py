@@ -121,25 +121,36 @@ def fit_classifier(
     config: FeaturenetParams,
     device,
     progress: Callable[[str], None] | None = None,
+    steps: int | None = None,
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
 ) -> FeatureNet:
     """Train a FeatureNet on uint8 NHWC images (Adam, cosine decay, random 1-pixel shifts);
-    `progress` gets one line per epoch (loss, accuracy on the epoch's batches, time)."""
+    `progress` gets one line per epoch (loss, accuracy on the epoch's batches, time).
+
+    `steps` fixes the number of optimiser steps (default: `config.epochs` passes), so that
+    training sets of different sizes get the same compute; `transform` (batch in [-1, 1],
+    the shuffling generator) augments each batch after the shifts."""
     torch.manual_seed(config.seed)
     net = FeatureNet(images.shape[-1], num_classes, config.width, config.feature_dim).to(device)
     optimizer = torch.optim.Adam(net.parameters(), config.lr)
-    steps = config.epochs * math.ceil(len(images) / config.batch_size)
+    per_epoch = math.ceil(len(images) / config.batch_size)
+    steps = steps or config.epochs * per_epoch
+    epochs = math.ceil(steps / per_epoch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     pixels, targets = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
     shuffle = torch.Generator().manual_seed(config.seed)
     net.train()
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
+    start, done = time.perf_counter(), 0
+    for epoch in range(epochs):
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
-        for index in _batches(len(pixels), config.batch_size, shuffle):
+        seen = 0
+        for index in _batches(len(pixels), config.batch_size, shuffle)[: steps - done]:
             x = to_float(pixels[index], device)
             dx, dy = torch.randint(-1, 2, (2,), generator=shuffle).tolist()
             x = torch.roll(x, (dx, dy), dims=(2, 3))
+            if transform is not None:
+                x = transform(x, shuffle)
             y = targets[index].to(device)
             logits = net(x)[1]
             loss = F.cross_entropy(logits, y)
@@ -149,10 +160,11 @@ def fit_classifier(
             schedule.step()
             loss_sum += loss.detach() * len(index)
             correct += (logits.detach().argmax(1) == y).sum()
+            seen, done = seen + len(index), done + 1
         if progress is not None:  # one host sync per epoch
             progress(
-                f"epoch {epoch + 1}/{config.epochs}: loss {loss_sum.item() / len(pixels):.4f}, "
-                f"train accuracy {correct.item() / len(pixels):.4f} "
+                f"epoch {epoch + 1}/{epochs}: loss {loss_sum.item() / seen:.4f}, "
+                f"train accuracy {correct.item() / seen:.4f} "
                 f"({time.perf_counter() - start:.0f} s)"
             )
     return net.eval()

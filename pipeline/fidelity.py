@@ -59,6 +59,7 @@ from torch_fidelity.metric_isc import isc_featuresdict_to_metric
 from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
+from pipeline.data import quantize
 from pipeline.errors import EvaluationError
 from pipeline.files import atomic_path
 
@@ -164,11 +165,6 @@ def real_images(images: np.ndarray) -> ImageDataset:
     """Prepared uint8 NHWC pixels as RGB NCHW (gray replicated)."""
     pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     return ImageDataset(pixels.expand(-1, 3, -1, -1).contiguous())
-
-
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Generated float images in [-1, 1] (N, C, H, W) as uint8, the way a PNG stores them."""
-    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
 
 
 def generated_images(images: torch.Tensor) -> ImageDataset:

@@ -46,7 +46,7 @@ SHORT_NAMES = {
 }
 EXTRACTOR_LEVELS = {"domain": None, "inception": "inception"}  # None: at the top level
 REAL = "real"  # metrics/evaluate/real.json
-CANDIDATE_FILE = re.compile(r"c[1-9][0-9]*\.json|" + REAL + r"\.json")
+CANDIDATE_FILE = re.compile(r"c[1-9][0-9]*\.json|(real|classic)\.json")  # evaluate, augment
 
 
 def figure(value) -> float | int | None:

@@ -33,6 +33,9 @@ def prepare(params: Params, progress: bool = True) -> dict:
             "first": source.transparent[:MAX_LISTED_SKIPS],
             "background": BACKGROUND,
         }
+        synthetic = source.synthetic_record()
+        if synthetic is not None:
+            manifest["synthetic"] = synthetic
         rows = {name: split["rows"] for name, split in manifest["splits"].items()}
         check_split_sizes(rows, p, skipped=len(source.skipped))
         check_data_for_task(manifest, task_for(params.model.conditional))
@@ -65,6 +68,15 @@ def _note(manifest: dict, params: Params) -> None:
             "(listed in the manifest's transparent_files)",
             transparent,
             BACKGROUND,
+        )
+    synthetic = manifest.get("synthetic")
+    if synthetic:
+        log.warning(
+            "prepare: %s of the images were written by `ganpipe synthesize` (rows per split: "
+            "%s; manifest: synthetic): evaluate compares generators with evaluate.split %r",
+            sum(synthetic["rows"].values()),
+            synthetic["rows"],
+            params.evaluate.split,
         )
     train = manifest["splits"]["train"]["rows"]
     if train < params.global_batch_size:

@@ -38,7 +38,13 @@ from mlflow.types.schema import AnyType
 
 from gan.export import generator_digest, load_generator
 from gan.models import GeneratorSpec
-from pipeline.artifacts import EVALUATE_REPORT, GENERATORS, is_score, read_stage_json
+from pipeline.artifacts import (
+    AUGMENT_REPORT,
+    EVALUATE_REPORT,
+    GENERATORS,
+    is_score,
+    read_stage_json,
+)
 from pipeline.config import RANKING_METRICS, Params, metric_extractor
 from pipeline.errors import RegistryError
 from pipeline.files import write_json
@@ -69,7 +75,9 @@ log = logging.getLogger(__name__)
 def register(params: Params) -> dict:
     """Register the best candidate, promote it if it beats the champion, write out_file."""
     cfg = params.register
-    report = _read_evaluation(Path(params.evaluate.out_dir) / EVALUATE_REPORT)
+    report = _with_augmentation(
+        _read_evaluation(Path(params.evaluate.out_dir) / EVALUATE_REPORT), params
+    )
     candidate, scores = best_candidate(report["candidates"], cfg.metric)
     directory = Path(params.evaluate.out_dir) / GENERATORS / candidate
     _, spec, info = load_generator(directory)  # the weights are the ones described
@@ -132,6 +140,29 @@ def _read_evaluation(path: str | Path) -> dict:
     return report
 
 
+AUGMENT_FIGURES = ("augment_gain", "augment_gain_vs_classical", "augment_cas")
+
+
+def _with_augmentation(report: dict, params: Params) -> dict:
+    """The evaluation with the augment stage's figures added to its candidates (when that
+    stage measured them), and the augment protocol among the protocol ids."""
+    path = Path(params.augment.out_dir) / AUGMENT_REPORT
+    if not path.is_file():
+        return report
+    augmented = read_stage_json(path, "augment", RegistryError)
+    if not augmented.get("enabled"):
+        return report
+    candidates = {
+        name: scores | {k: augmented["candidates"][name][k] for k in AUGMENT_FIGURES}
+        if name in augmented.get("candidates", {}) else scores
+        for name, scores in report["candidates"].items()
+    }  # fmt: skip
+    protocol = report["protocol"] | {
+        "ids": report["protocol"]["ids"] | {"augment": augmented["protocol"]["id"]}
+    }
+    return report | {"candidates": candidates, "protocol": protocol}
+
+
 def best_candidate(candidates: dict[str, dict], metric: str) -> tuple[str, dict]:
     """The non-diverged candidate with the best `metric` (RANKING_METRICS says which way)."""
     present = sorted({k for c in candidates.values() for k, v in c.items() if k in RANKING_METRICS})
@@ -173,7 +204,7 @@ def _version_tags(
         TAG + "params": json_tag(info.get("params", {})),
         TAG + "protocol": json_tag(protocol),
         # The protocol of the primary metric's feature extractor decides comparability.
-        PROTOCOL_ID_TAG: protocol["ids"][metric_extractor(metric)],
+        PROTOCOL_ID_TAG: protocol["ids"].get(metric_extractor(metric), "none"),
         SHA_TAG: info["weights_sha256"],
         TAG + "primary_metric": metric,
         GENERATOR_TAG: info.get("which", "unknown"),

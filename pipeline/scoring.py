@@ -17,9 +17,9 @@ import torch
 
 from gan.sampling import generate
 from pipeline.config import EvaluateParams, Params
-from pipeline.data import PreparedSplit
+from pipeline.data import PreparedSplit, to_nhwc
 from pipeline.featurenet import load_featurenet, predict
-from pipeline.fidelity import FEATURENET, compute, generated_images, quantize, real_images
+from pipeline.fidelity import FEATURENET, compute, generated_images, real_images
 
 ALL_METRICS = ("fid", "isc", "kid", "prc")
 # A class counts as covered when it gets at least this share of the samples it would get if
@@ -105,10 +105,6 @@ def class_figures(net, fake: torch.Tensor, num_classes: int, real_labels) -> dic
         conditioned = np.arange(len(fake)) % num_classes  # gan.sampling cycles the labels
         figures["label_accuracy_domain"] = float((predicted == conditioned).mean())
     return figures
-
-
-def to_nhwc(fake: torch.Tensor) -> np.ndarray:
-    return quantize(fake).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class TrialEvaluator:

@@ -148,6 +148,15 @@ def _registered_version(client: MlflowClient, model_uri: str) -> ModelVersion | 
     return versions[number]
 
 
+def registered_version(model_uri: str, tracking_uri: str | None = None) -> str | None:
+    """The registry version number that models:/NAME@ALIAS or models:/NAME/VERSION names now
+    (None for other URIs): provenance for what was drawn from an alias."""
+    if REGISTERED.match(model_uri) is None:
+        return None
+    client = open_registry(tracking_uri or mlflow.get_tracking_uri(), must_exist=True)
+    return str(_registered_version(client, model_uri).version)
+
+
 def _download(model_uri: str, destination: Path, tracking_uri: str) -> Path:
     try:
         with mlflow_at(tracking_uri):

@@ -59,20 +59,61 @@ def shard_schema(shape: tuple[int, int, int]) -> pa.Schema:
     return pa.schema(fields, metadata=metadata)
 
 
-class SplitWriter:
+def write_shard(path: Path, images: np.ndarray, labels: np.ndarray, schema: pa.Schema) -> None:
+    """One shard: uint8 images (N, H, W, C) and their labels, in the shard schema."""
+    column = pa.FixedSizeBinaryArray.from_buffers(
+        schema.field(IMAGE).type, len(images), [None, pa.py_buffer(images.tobytes())]
+    )
+    table = pa.Table.from_arrays([column, pa.array(labels, pa.int16())], schema=schema)
+    pq.write_table(table, path, compression="zstd")
+
+
+class SplitSummary:
+    """A split's manifest entry, built shard by shard in order: rows, class counts, each
+    shard's sha256 and the content hash of its pixels and labels."""
+
+    def __init__(self, split: str):
+        self.split = split
+        self.shards: list[dict] = []
+        self.class_counts: dict[int, int] = {}
+        self.pixel_hash, self.label_hash = hashlib.sha256(), hashlib.sha256()
+
+    def record(self, path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+        """Account for the shard at `path` (in the split's directory) holding these rows."""
+        self.pixel_hash.update(np.ascontiguousarray(images).tobytes())
+        self.label_hash.update(labels.astype("<i2").tobytes())
+        for label, count in zip(*np.unique(labels, return_counts=True), strict=True):
+            self.class_counts[int(label)] = self.class_counts.get(int(label), 0) + int(count)
+        relative = f"{self.split}/{path.name}"
+        self.shards.append({"path": relative, "rows": len(labels), "sha256": sha256_file(path)})
+
+    def summary(self) -> dict:
+        return {
+            "rows": sum(s["rows"] for s in self.shards),
+            "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
+            # independent of shard boundaries: pixels and labels are hashed as two streams
+            "content_sha256": hashlib.sha256(
+                (self.pixel_hash.hexdigest() + self.label_hash.hexdigest()).encode()
+            ).hexdigest(),
+            "shards": self.shards,
+        }
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+class SplitWriter(SplitSummary):
     """Buffers one split's images and writes a shard every `shard_rows` images."""
 
     def __init__(self, root: Path, split: str, shape: tuple[int, int, int], shard_rows: int):
+        super().__init__(split)
         self.dir = root / split
         self.dir.mkdir(parents=True)
-        self.split = split
         self.schema = shard_schema(shape)
         self.images = np.empty((shard_rows, *shape), dtype=np.uint8)
         self.labels = np.empty(shard_rows, dtype=np.int16)
         self.filled = 0
-        self.shards: list[dict] = []
-        self.class_counts: dict[int, int] = {}
-        self.pixel_hash, self.label_hash = hashlib.sha256(), hashlib.sha256()
 
     def add(self, image: np.ndarray, label: int) -> None:
         self.images[self.filled] = image
@@ -85,30 +126,10 @@ class SplitWriter:
         if self.filled == 0:
             return
         images, labels = self.images[: self.filled], self.labels[: self.filled]
-        self.pixel_hash.update(images.tobytes())
-        self.label_hash.update(labels.astype("<i2").tobytes())
-        for label, count in zip(*np.unique(labels, return_counts=True), strict=True):
-            self.class_counts[int(label)] = self.class_counts.get(int(label), 0) + int(count)
-        column = pa.FixedSizeBinaryArray.from_buffers(
-            self.schema.field(IMAGE).type, self.filled, [None, pa.py_buffer(images.tobytes())]
-        )
-        table = pa.Table.from_arrays([column, pa.array(labels, pa.int16())], schema=self.schema)
-        path = self.dir / f"part-{len(self.shards):05d}.parquet"
-        pq.write_table(table, path, compression="zstd")
-        relative = f"{self.split}/{path.name}"
-        self.shards.append({"path": relative, "rows": self.filled, "sha256": sha256_file(path)})
+        path = self.dir / shard_name(len(self.shards))
+        write_shard(path, images, labels, self.schema)
+        self.record(path, images, labels)
         self.filled = 0
-
-    def summary(self) -> dict:
-        return {
-            "rows": sum(s["rows"] for s in self.shards),
-            "class_counts": {str(k): v for k, v in sorted(self.class_counts.items())},
-            # independent of shard boundaries: pixels and labels are hashed as two streams
-            "content_sha256": hashlib.sha256(
-                (self.pixel_hash.hexdigest() + self.label_hash.hexdigest()).encode()
-            ).hexdigest(),
-            "shards": self.shards,
-        }
 
 
 def prepared_entries(out_dir: Path) -> list[str]:
@@ -162,8 +183,7 @@ def write_prepared(
         for writer in writers.values():
             writer.flush()
         splits = {name: w.summary() for name, w in sorted(writers.items())}
-        manifest = {"format": FORMAT, **describe, "shape": list(shape), "splits": splits}
-        manifest["dataset_hash"] = _dataset_hash(manifest)
+        manifest = new_manifest(describe, shape, splits)
         if finish is not None:
             finish(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -171,6 +191,14 @@ def write_prepared(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def new_manifest(describe: dict, shape: tuple[int, int, int], splits: dict[str, dict]) -> dict:
+    """A manifest: `describe` (source, params, class names, ...), the shape, the splits'
+    summaries (SplitSummary.summary) and the dataset hash over all of it."""
+    manifest = {"format": FORMAT, **describe, "shape": list(shape), "splits": splits}
+    manifest["dataset_hash"] = _dataset_hash(manifest)
     return manifest
 
 
@@ -238,6 +266,8 @@ MANIFEST_KEYS = {
     "shape": (_is_shape, "[height, width, channels] (positive integers)", False),
     "class_names": (_is_names, "a list of strings", True),
     "task": (lambda v: v in TASKS, f"one of {', '.join(TASKS)}", True),
+    # images written by `ganpipe synthesize`: rows per split and where they came from
+    "synthetic": (lambda v: isinstance(v, dict), "an object (rows, sources)", True),
     "dataset_hash": (_is_text, "a string", False),
     "splits": (lambda v: isinstance(v, dict), "an object of splits", False),
 }

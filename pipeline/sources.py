@@ -18,6 +18,7 @@ sizes it needs rather than later in featurenet or train.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -36,6 +37,7 @@ BACKGROUND = "white"  # what transparent pixels are composited on
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how some Pillows open them
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 MAX_LISTED = 5
+PNG_KEY = "ganpipe.synthetic"  # the PNG text chunk `ganpipe synthesize` marks its images with
 TORCHVISION_SOURCES = {
     # name -> (torchvision class, files to place by hand when offline, where, relative to raw_dir)
     "mnist": (
@@ -68,6 +70,17 @@ class Source:
     items: Iterator[tuple[str, np.ndarray, int]]  # (split, HxWxC uint8, label)
     skipped: list[str] = field(default_factory=list)  # unreadable files skipped on request
     transparent: list[str] = field(default_factory=list)  # files composited on BACKGROUND
+    synthetic: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> split -> rows
+
+    def synthetic_record(self) -> dict | None:
+        """The manifest's `synthetic` entry: rows per split and per source model; None when
+        every image is real."""
+        if not self.synthetic:
+            return None
+        rows = {s: sum(c.get(s, 0) for c in self.synthetic.values()) for s in self.splits}
+        sources = [json.loads(key) | {"images": sum(counts.values())}
+                   for key, counts in sorted(self.synthetic.items())]  # fmt: skip
+        return {"rows": rows, "sources": sources}
 
 
 def has_alpha(image: Image.Image) -> bool:
@@ -272,13 +285,14 @@ def load_imagefolder_source(p: PrepareParams) -> Source:
             f"prepare.image_dir {str(root)!r} holds no images (looked for "
             f"{', '.join(IMAGE_SUFFIXES)}{' in its class subfolders' if classes else ''})"
         )
-    test = seeded_split(len(files), p.test_fraction, p.seed)
+    marks = [synthetic_mark(path) for path, _ in files]
+    test = _split_synthetic(root, files, marks, p)
     splits = {"train": int((~test).sum()), "test": int(test.sum())}
     check_split_sizes(splits, p)
     source = Source("imagefolder", classes, splits, iter(()))
 
     def items():
-        for (path, label), is_test in zip(files, test, strict=True):
+        for (path, label), is_test, mark in zip(files, test, marks, strict=True):
             try:
                 pixels, transparent = _decode(path, p)
             except UNREADABLE as exc:
@@ -286,11 +300,59 @@ def load_imagefolder_source(p: PrepareParams) -> Source:
                 continue
             if transparent:
                 source.transparent.append(str(path))
-            yield ("test" if is_test else "train"), pixels, label
+            split = "test" if is_test else "train"
+            if mark is not None:
+                counts = source.synthetic.setdefault(mark, {})
+                counts[split] = counts.get(split, 0) + 1
+            yield split, pixels, label
         _check_unreadable(root, source.skipped, len(files), p.skip_bad_images)
 
     source.items = items()
     return source
+
+
+def synthetic_mark(path: Path) -> str | None:
+    """Which model a `ganpipe synthesize` PNG came from (its PNG_KEY text: model URI, version,
+    weights sha256), as a canonical JSON key; None for any other file."""
+    if path.suffix.lower() != ".png":
+        return None
+    try:
+        with Image.open(path) as image:  # text chunks before the pixels: read by open
+            text = image.info.get(PNG_KEY)
+    except UNREADABLE:
+        return None
+    if not isinstance(text, str):
+        return None
+    try:
+        mark = json.loads(text)
+    except ValueError:
+        mark = None
+    fields = ("model_uri", "model_version", "weights_sha256")
+    mark = {k: mark.get(k) for k in fields} if isinstance(mark, dict) else dict.fromkeys(fields)
+    return json.dumps(mark, sort_keys=True)
+
+
+def _split_synthetic(
+    root: Path, files: list[tuple[Path, int]], marks: list[str | None], p: PrepareParams
+) -> np.ndarray:
+    """The test mask: seeded over the real files only when synthetic ones (with a mark) are
+    mixed in (they go to train: a test split must be real), over all of them otherwise. A mix
+    is an error without prepare.allow_synthetic."""
+    synthetic = np.array([mark is not None for mark in marks], dtype=bool)
+    if synthetic.all() or not synthetic.any():
+        return seeded_split(len(files), p.test_fraction, p.seed)
+    if not p.allow_synthetic:
+        shown = ", ".join(str(files[i][0]) for i in np.flatnonzero(synthetic)[:3])
+        raise SourceError(
+            f"prepare.image_dir {str(root)!r} mixes {int(synthetic.sum())} images written by "
+            f"`ganpipe synthesize` (marked in their PNG metadata, e.g. {shown}) with "
+            f"{int((~synthetic).sum())} real ones; prepared together, generated images pass "
+            "for real data. Move them out, or set prepare.allow_synthetic: true to add them "
+            "to the train split only (the manifest counts them as synthetic)"
+        )
+    test = np.zeros(len(files), dtype=bool)
+    test[~synthetic] = seeded_split(int((~synthetic).sum()), p.test_fraction, p.seed)
+    return test
 
 
 def _check_unreadable(root: Path, bad: list[str], total: int, skip: bool) -> None:

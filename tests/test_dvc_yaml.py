@@ -17,6 +17,7 @@ ENTRY = {
     "featurenet": "pipeline.featurenet",
     "train": "pipeline.train",
     "evaluate": "pipeline.evaluate",
+    "augment": "pipeline.augment",
     "register": "pipeline.registry",
 }
 
@@ -91,9 +92,20 @@ def test_the_metrics_are_what_the_stages_write_and_are_committed_to_git():
         defaults.featurenet.metrics_file: {"cache": False},
         f"{defaults.train.out_dir}/{TRAIN_METRICS}": {"cache": False},
         defaults.evaluate.metrics_dir: {"cache": False},
+        defaults.augment.metrics_dir: {"cache": False},
     }
     ignored = (REPO_ROOT / ".gitignore").read_text().split()
-    assert not any(p.strip("/") in ("metrics", "metrics/evaluate") for p in ignored)
+    committed = ("metrics", "metrics/evaluate", "metrics/augment")
+    assert not any(p.strip("/") in committed for p in ignored)
+
+
+def test_the_augmentation_plot_shows_the_columns_the_augment_stage_writes():
+    """The plot's columns are those of the default run (one candidate, augment.ratios)."""
+    from pipeline.augment import BASELINES, ratio_name
+
+    columns = _plotted()["models/augment/accuracy.csv"]
+    defaults = Params().augment
+    assert columns == ["shots", *BASELINES, *(f"c1_{ratio_name(r)}" for r in defaults.ratios)]
 
 
 def test_the_loss_and_d_plots_show_what_the_training_step_reports():

@@ -69,6 +69,13 @@ class PrepareParams(Section):
         description="imagefolder only: read symbolic links in image_dir (they may point "
         "outside it); off: a link is an error",
     )
+    allow_synthetic: Bool = Field(
+        False,
+        description="imagefolder only: images from `ganpipe synthesize` (marked in their PNG "
+        "metadata) may be mixed with real ones: they go to the train split only and the "
+        "manifest counts them; off: a mix is an error (a folder of synthetic images alone is "
+        "prepared, marked synthetic)",
+    )
     raw_dir: str = Field("data/raw", description="where downloaded datasets are kept")
     out_dir: str = Field("data/prepared", description="the Parquet shards and manifest")
     channels: Literal[1, 3] = Field(1, description="1: grayscale, 3: RGB; images are converted")
@@ -351,12 +358,19 @@ RANKING_METRICS = {
     **{f"{m}_{x}": "max" for m in ("is", "precision", "recall") for x in ("domain", "inception")},
     "class_coverage_domain": "max",
     "cas_accuracy": "max",
+    # the augment stage's: accuracy gained by adding the generator's images to k real ones
+    "augment_gain": "max",
+    "augment_gain_vs_classical": "max",
+    "augment_cas": "max",
 }
 RankingMetric = Literal[tuple(RANKING_METRICS)]
 
 
 def metric_extractor(metric: str) -> str:
-    """The feature extractor a ranking metric is computed with: 'domain' or 'inception'."""
+    """Which protocol a ranking metric is comparable under: the feature extractor it is
+    computed with ('domain' or 'inception'), or the augment stage's ('augment')."""
+    if metric.startswith("augment_"):
+        return "augment"
     return "inception" if metric.endswith("_inception") else "domain"
 
 
@@ -395,6 +409,62 @@ class EvaluateParams(Section):
                 f"evaluate.num_samples ({self.num_samples}); lower one or raise the other"
             )
         return self
+
+
+CLASSICAL_TRANSFORMS = ("flip", *POLICIES)  # the augment stage's classical augmentation
+Shots = Annotated[int, Strict(), Field(ge=1)] | Literal["all"]
+
+
+class AugmentParams(Section):
+    """Does adding the generator's images help a classifier trained on little real data?
+    (the `augment` stage: the featurenet recipe on k real images per class, alone, with
+    classical augmentation, and with synthetic images; docs/stages.md)."""
+
+    enabled: Bool = Field(True, description="run the measurement (off: the stage writes nothing)")
+    shots: tuple[Shots, ...] = Field(
+        (10, 50), min_length=1, description="real images per class (all: the whole train split)"
+    )
+    ratios: tuple[Float, ...] = Field(
+        (1.0, 4.0), min_length=1, description="synthetic images added per real image"
+    )
+    seeds: Int = Field(3, ge=1, le=50, description="repeats of every setting (subset, init)")
+    classical: Literal["auto"] | tuple[Literal[CLASSICAL_TRANSFORMS], ...] = Field(
+        "auto",
+        description="the classical baseline's transforms; auto: color, translation, cutout, "
+        "and flip for RGB images (a flip changes a digit)",
+    )
+    min_confidence: Float = Field(
+        0.9, ge=0, lt=1,
+        description="unconditional generators: keep a sample when the classifier of the same "
+        "k real images gives its class this softmax probability",
+    )  # fmt: skip
+    epochs: Int = Field(
+        5, ge=1, le=1000,
+        description="every setting of one k trains as many steps: this many passes over the "
+        "largest training set of that k (real + the most synthetic), and at least min_steps",
+    )  # fmt: skip
+    min_steps: Int = Field(100, ge=1, description="the fewest steps a setting trains")
+    seed: Int = Field(0, ge=0, description="seeds the real subsets, the noise and the weights")
+    out_dir: str = Field(
+        "models/augment", description="report.json (every figure, the protocol), the plot"
+    )
+    metrics_dir: str = Field(
+        "metrics/augment", description="DVC metrics: real.json, classic.json, c1.json ..."
+    )
+
+    @field_validator("shots")
+    @classmethod
+    def _distinct_shots(cls, shots: tuple) -> tuple:
+        if len(set(shots)) != len(shots):
+            raise ValueError(f"augment.shots must not repeat a value, got {list(shots)}")
+        return shots
+
+    @field_validator("ratios")
+    @classmethod
+    def _positive_ratios(cls, ratios: tuple) -> tuple:
+        if any(r <= 0 for r in ratios) or len(set(ratios)) != len(ratios):
+            raise ValueError(f"augment.ratios must be distinct and above 0, got {list(ratios)}")
+        return ratios
 
 
 class RegisterParams(Section):
@@ -471,6 +541,7 @@ with warnings.catch_warnings():
         sweep: SweepParams = Field(default_factory=SweepParams)
         featurenet: FeaturenetParams = Field(default_factory=FeaturenetParams)
         evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+        augment: AugmentParams = Field(default_factory=AugmentParams)
         register: RegisterParams = Field(default_factory=RegisterParams)
         ray: RayParams = Field(default_factory=RayParams)
         tracking: TrackingParams = Field(default_factory=TrackingParams)

@@ -25,8 +25,8 @@ KNOWN_KEYS = [(section, key) for section, model in SECTIONS.items() for key in m
 def test_defaults_validate_and_every_section_exists():
     params = validate_params({})
     assert set(SECTIONS) == {
-        "prepare", "model", "train", "sweep", "featurenet", "evaluate", "register", "ray",
-        "tracking",
+        "prepare", "model", "train", "sweep", "featurenet", "evaluate", "augment", "register",
+        "ray", "tracking",
     }  # fmt: skip
     assert params.train.loss == "hinge"
     assert params.global_batch_size == params.train.batch_size * params.ray.num_workers
