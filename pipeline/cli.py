@@ -176,7 +176,7 @@ def cmd_evaluate(params: Params, args: argparse.Namespace) -> int:
 
 
 def cmd_augment(params: Params, args: argparse.Namespace) -> int:
-    from pipeline.augment import augment
+    from pipeline.augment import augment, figure_text
 
     report = augment(params)
     if not report["enabled"]:
@@ -188,7 +188,7 @@ def cmd_augment(params: Params, args: argparse.Namespace) -> int:
             f"({report['headline_ratio']}, mean over the shots), gain "
             f"{result['augment_gain']:+.4f} over real only, "
             f"{result['augment_gain_vs_classical']:+.4f} over classical; "
-            f"CAS {result['augment_cas']:.4f}"
+            f"CAS {figure_text(result['augment_cas'])}"
         )
     return 0
 

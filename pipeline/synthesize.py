@@ -58,7 +58,7 @@ from pipeline.shards import (
     write_shard,
 )
 from pipeline.sources import PNG_KEY
-from pipeline.synthetic import draw, pseudo_labels
+from pipeline.synthetic import class_counts, draw, pseudo_labels
 
 FORMAT = "ganpipe.synthetic.v1"
 FORMATS = ("imagefolder", "parquet")
@@ -113,16 +113,6 @@ class SynthesisRequest:
     def key(self) -> dict:
         """What a resumed run must share with the interrupted one."""
         return {k: v for k, v in asdict(self).items() if k != "tracking_uri"}
-
-
-def class_counts(num_images: int, weights: list[float]) -> np.ndarray:
-    """`num_images` shared out in proportion to `weights` (largest remainder, ties to the
-    lower class): the counts sum to `num_images` exactly."""
-    share = np.asarray(weights, dtype=np.float64) / sum(weights) * num_images
-    counts = np.floor(share).astype(np.int64)
-    left = num_images - int(counts.sum())
-    counts[np.argsort(-(share - counts), kind="stable")[:left]] += 1
-    return counts
 
 
 class ConditionedLabels:

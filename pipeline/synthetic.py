@@ -48,3 +48,13 @@ def pseudo_labels(net, images: np.ndarray, min_confidence: float) -> tuple[np.nd
     classes, confidence = classify(net, images)
     kept = np.flatnonzero(confidence >= min_confidence)
     return kept, classes[kept]
+
+
+def class_counts(num_images: int, weights: list[float]) -> np.ndarray:
+    """`num_images` shared out in proportion to `weights` (largest remainder, ties to the
+    lower class): the counts sum to `num_images` exactly."""
+    share = np.asarray(weights, dtype=np.float64) / sum(weights) * num_images
+    counts = np.floor(share).astype(np.int64)
+    left = num_images - int(counts.sum())
+    counts[np.argsort(-(share - counts), kind="stable")[:left]] += 1
+    return counts
