@@ -12,7 +12,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import clone_project, project_env, shell, stages_run
+from tests.conftest import clone_project, project_env, shell, stages_run, tree_digest
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,10 +34,17 @@ OUTPUTS = [  # every stage's declared outputs (dvc.yaml)
     "models/evaluate/report.json",
     "metrics/evaluate/c1.json",
     "metrics/evaluate/real.json",
+    "models/augment/report.json",
+    "models/augment/accuracy.csv",
+    "models/augment/accuracy.png",
+    "metrics/augment/real.json",
+    "metrics/augment/classic.json",
+    "metrics/augment/c1.json",
     "models/register/registered.json",
 ]
 METRICS = ["metrics/featurenet.json", "models/train/metrics.json", "metrics/evaluate/c1.json",
-           "metrics/evaluate/real.json"]  # fmt: skip
+           "metrics/evaluate/real.json", "metrics/augment/real.json",
+           "metrics/augment/classic.json", "metrics/augment/c1.json"]  # fmt: skip
 HASH_OR_PATH = re.compile(r"[0-9a-f]{12}|/(work|tmp|home)/|checkpoint_|gan-[a-z]+-")
 
 
@@ -62,7 +69,9 @@ def project(tmp_path_factory):
 
 def test_repro_runs_every_stage_in_order_and_leaves_their_outputs(project):
     root, sh, first = project
-    assert stages_run(first.stdout) == ["prepare", "featurenet", "train", "evaluate", "register"]
+    assert stages_run(first.stdout) == [
+        "prepare", "featurenet", "train", "evaluate", "augment", "register"
+    ]  # fmt: skip
     missing = [name for name in OUTPUTS if not (root / name).exists()]
     assert not missing, missing
     (candidate,) = json.loads((root / "models/train/result.json").read_text())["candidates"]
@@ -87,9 +96,34 @@ def test_metrics_show_the_figures_and_the_trained_generator_is_near_real_digits(
     assert candidate["coverage"] >= 0.8  # no collapse onto a few digits
     assert shown["metrics/featurenet.json"]["data"]["accuracy"] >= 0.95
     assert shown["models/train/metrics.json"]["data"]["images/s"] > 0
+    augmented = {n: shown[f"metrics/augment/{n}.json"]["data"] for n in ("real", "classic", "c1")}
+    assert all(0.5 < figures["accuracy"] <= 1 for figures in augmented.values()), augmented
     table = sh("dvc", "metrics", "show").stdout
     assert_readable(table)
     assert table.splitlines()[0].split()[:4] == ["Path", "accuracy", "coverage", "fid"]
+
+
+def test_the_champion_synthesizes_a_dataset_prepare_reads_back_and_augment_figures_are_logged(
+    project,
+):
+    from mlflow.tracking import MlflowClient
+
+    root, sh, _ = project
+    sh("ganpipe", "synthesize", "--num", "300", "--out", "synthetic", "--min-confidence", "0.5")
+    provenance = json.loads((root / "synthetic" / "synthetic.json").read_text())
+    assert provenance["model_uri"] == "models:/ganpipe-generator@champion"
+    assert provenance["labels"]["source"] == "featurenet pseudo-labels"
+    assert sum(provenance["class_counts"].values()) == 300
+    settings = ["prepare.source=imagefolder", "prepare.image_dir=synthetic",
+                "prepare.out_dir=synthetic-prepared"]  # fmt: skip
+    sh("ganpipe", "prepare", *(f"--set={s}" for s in settings))
+    manifest = json.loads((root / "synthetic-prepared" / "manifest.json").read_text())
+    assert sum(manifest["synthetic"]["rows"].values()) == 300
+    assert manifest["synthetic"]["sources"][0]["weights_sha256"] == provenance["weights_sha256"]
+    (candidate,) = json.loads((root / "models/augment/report.json").read_text())[
+        "candidates"].values()  # fmt: skip
+    run = MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(candidate["mlflow_run_id"])
+    assert run.data.metrics["augment.augment_gain"] == pytest.approx(candidate["augment_gain"])
 
 
 def test_the_registry_champion_is_the_evaluated_candidate_and_samples_a_grid(project):
@@ -116,8 +150,11 @@ def test_a_second_repro_is_a_no_op_and_a_protocol_change_reruns_only_evaluation(
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["evaluate"]["num_samples"] = 1500
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    generators = tree_digest(root / "models/evaluate/generators")
     changed = sh("dvc", "repro")
-    assert stages_run(changed.stdout) == ["evaluate", "register"]
+    # augment re-runs only if the exported generators changed (the better-of-two choice)
+    same = tree_digest(root / "models/evaluate/generators") == generators
+    assert stages_run(changed.stdout) == ["evaluate", *([] if same else ["augment"]), "register"]
     diff = json.loads(sh("dvc", "metrics", "diff", "--json").stdout)
     changes = diff["metrics/evaluate/c1.json"]
     assert "fid" in changes and set(changes) <= {"fid", "is", "kid", "precision", "recall",
@@ -133,7 +170,7 @@ def test_an_experiment_reruns_from_training_and_shows_in_exp_show_and_plots(proj
     sh("git", "commit", "-qm", "evaluate with other params", check=False)  # if anything changed
     overrides = ["-S", "train.lr_g=0.0004", "-S", "train.steps=100"]
     ran = sh("dvc", "exp", "run", "-n", "fast-g", *overrides)
-    assert stages_run(ran.stdout) == ["train", "evaluate", "register"]
+    assert stages_run(ran.stdout) == ["train", "evaluate", "augment", "register"]
     shown = json.loads(sh("dvc", "exp", "show", "--json").stdout)
     experiments = {
         rev["name"]: rev["data"]
@@ -179,9 +216,10 @@ def test_a_sweep_through_dvc_repro_labels_unstable_trials_and_hands_the_best_on(
         "num_trials": 1, "top_k": 2, "scheduler": "asha", "eval_every": 100,
         "eval_samples": 500,
     }  # fmt: skip
+    params["augment"] = {"enabled": False}  # measured for one candidate above: CI time
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     swept = sh("dvc", "repro")
-    assert stages_run(swept.stdout) == ["train", "evaluate", "register"]
+    assert stages_run(swept.stdout) == ["train", "evaluate", "augment", "register"]
     result = json.loads((root / "models" / "train" / "result.json").read_text())
     assert len(result["trials"]) == 4
     for trial in result["trials"]:
