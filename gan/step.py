@@ -78,6 +78,7 @@ class StepConfig:
     gp_weight: float = 0.0  # WGAN-GP lambda
     r1_gamma: float = 0.0  # R1 gamma; the penalty is gamma / 2 * E||grad D(x)||^2
     r1_every: int = 1  # lazy R1: every k-th discriminator update, scaled by k
+    drift_weight: float = 0.0  # ProGAN's epsilon_drift: + weight * E[D(x_real)^2] in D's loss
     diffaugment: Sequence[str] = field(default_factory=tuple)  # DiffAugment policy names
     autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16 on GPUs that support it
 
@@ -86,8 +87,8 @@ class StepConfig:
         check_policy(self.diffaugment)
         if self.n_critic < 1 or self.r1_every < 1:
             raise ValueError("n_critic and r1_every must be >= 1")
-        if self.gp_weight < 0 or self.r1_gamma < 0:
-            raise ValueError("gp_weight and r1_gamma must be >= 0")
+        if self.gp_weight < 0 or self.r1_gamma < 0 or self.drift_weight < 0:
+            raise ValueError("gp_weight, r1_gamma and drift_weight must be >= 0")
 
 
 def adam(
@@ -264,6 +265,8 @@ def train_step(
             # On what D saw (augmented), with the real labels for the interpolates, in fp32.
             gp = gradient_penalty(D, real_seen, fake_seen, real_labels, generator)
             total = total + cfg.gp_weight * gp
+        if cfg.drift_weight > 0:  # keeps a critic's outputs near 0 (Karras et al. 2018)
+            total = total + cfg.drift_weight * real_logits.square().mean()
         if lazy_r1:
             r1 = r1_penalty(real_logits, real_in)
             total = total + cfg.r1_gamma / 2 * r1 * cfg.r1_every

@@ -197,6 +197,11 @@ class TrainParams(Section):
     )
     n_critic: Int = Field(1, ge=1, le=100, description="D updates per G update")
     gp_weight: Float = Field(0.0, ge=0, description="WGAN-GP lambda (0 = off)")
+    drift_weight: Float = Field(
+        0.0, ge=0,
+        description="ProGAN's drift term: this times E[D(real)^2] in D's loss, keeping a "
+        "critic's outputs near 0 (the paper: 0.001 with WGAN-GP; 0 = off)",
+    )  # fmt: skip
     r1_gamma: Float = Field(0.0, ge=0, description="R1 gamma (0 = off)")
     r1_every: Int = Field(1, ge=1, description="lazy R1: every k-th D update, scaled by k")
     diffaugment: tuple[AugmentPolicy, ...] = Field(

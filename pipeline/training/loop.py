@@ -44,7 +44,7 @@ def step_config(params: Params, device: torch.device) -> StepConfig:
     use_bf16 = t.mixed_precision == "bf16" or (t.mixed_precision == "auto" and bf16)
     return StepConfig(
         loss=t.loss, n_critic=t.n_critic, gp_weight=t.gp_weight, r1_gamma=t.r1_gamma,
-        r1_every=t.r1_every, diffaugment=t.diffaugment,
+        r1_every=t.r1_every, drift_weight=t.drift_weight, diffaugment=t.diffaugment,
         autocast_dtype=torch.bfloat16 if use_bf16 else None,
     )  # fmt: skip
 

@@ -166,6 +166,21 @@ def test_lazy_r1_is_scaled_by_its_interval():
     )
 
 
+def test_the_drift_term_pulls_the_critics_real_outputs_toward_zero():
+    """ProGAN's epsilon_drift: D's loss gains weight * E[D(real)^2]; with a large weight one
+    update leaves D's outputs on the batch's reals closer to 0 than the same update without."""
+    real, _ = next(batches())
+    squares = []
+    for drift in (0.0, 50.0):
+        state = make_state()  # the same weights each time
+        run(state, StepConfig(loss="wasserstein", drift_weight=drift), steps=1)
+        with torch.no_grad():
+            squares.append(state.discriminator(real).square().mean().item())
+    assert squares[1] < squares[0]
+    with pytest.raises(ValueError, match="drift_weight must be >= 0"):
+        StepConfig(loss="wasserstein", drift_weight=-1)
+
+
 def test_same_seed_gives_the_same_weights():
     cfg = StepConfig(loss="hinge", diffaugment=("color", "translation", "cutout"))
     a, b = make_state(), make_state()
