@@ -43,8 +43,17 @@ def generator_from_checkpoint(
     classes = len(manifest.get("class_names", []))
     spec = generator_spec(meta["params"]["model"], tuple(manifest["shape"]), classes)
     prefix = "generator_ema." if which == "ema" else "generator."
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     generator = spec.build()
-    generator.load_state_dict(
-        {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-    )
+    stage = meta.get("stage")
+    if stage is not None:  # a growing generator: only its final resolution's layers are kept
+        if (stage["resolution"], stage["alpha"]) != (spec.resolution, 1.0):
+            raise CheckpointError(
+                f"{checkpoint} ended growing at {stage['resolution']} px (alpha "
+                f"{stage['alpha']:.3f}), before the final resolution {spec.resolution} was "
+                "faded in: there is no generator at the final resolution to evaluate; raise "
+                "train.steps or shorten train.stabilise_kimg / train.fade_kimg"
+            )
+        state = {key: state[key] for key in generator.state_dict()}
+    generator.load_state_dict(state)
     return generator.eval(), spec, meta["params"]

@@ -51,6 +51,9 @@ class TrainingState:
     params: dict  # the validated params the run was started with
     dataset_hash: str
     mlflow_run_id: str | None = None  # the MLflow run that trained it (None: untracked, or older)
+    # progressive growing: the stage its last step trained ({resolution, alpha, phase}); None
+    # for families that do not grow
+    stage: dict | None = None
 
 
 def _optimizer_parts(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -260,7 +263,7 @@ def load_checkpoint(
 
 def training_state(meta: dict) -> TrainingState:
     """The TrainingState of a checkpoint's JSON (written by this or an older version)."""
-    optional = {"mlflow_run_id": None}
+    optional = {"mlflow_run_id": None, "stage": None}
     fields = TrainingState.__dataclass_fields__
     missing = [k for k in fields if k not in meta and k not in optional]
     if missing:

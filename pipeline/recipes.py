@@ -71,6 +71,27 @@ DCGAN_CLASSIC_32 = {  # Radford et al. 2016's objective and optimiser, half the 
         "diffaugment": ("translation",),
     },  # fmt: skip
 }
+# Progressive growing (Karras et al. 2018, appendix A.1): WGAN-GP (lambda 10) with the drift
+# term 0.001, Adam lr 1e-3 and betas (0, 0.99), no normalisation in D (the family has none);
+# widths for CPUs. Phase lengths: the run's images shared out (pipeline/training/growth.py).
+PROGAN_WGANGP = {
+    "model": {"d_norm": "none", "spectral_norm_d": False, "z_dim": 128, "g_width": 128,
+              "d_width": 128},
+    "train": {
+        "loss": "wasserstein",
+        "gp_weight": 10.0,
+        "drift_weight": 0.001,
+        "beta1": 0.0,
+        "beta2": 0.99,
+        "lr_g": 1e-3,
+        "lr_d": 1e-3,
+        "steps": 2000,
+        "batch_size": 64,
+        "diffaugment": (),
+    },
+}  # fmt: skip
+# Families with a recipe of their own, whatever the resolution.
+FAMILY_RECIPES = {"progan": Recipe("progan-wgangp", 1024, PROGAN_WGANGP)}
 RECIPES = (
     Recipe("sngan-hinge-64", 16, SNGAN_HINGE_64),
     Recipe("dcgan-classic-32", 32, DCGAN_CLASSIC_32),
@@ -86,8 +107,10 @@ def recipe_default(section: str, key: str) -> Any:
     return RECIPES[0].values[section][key]
 
 
-def recipe_for(resolution: int) -> Recipe:
-    """The recipe for images of `resolution` pixels square."""
+def recipe_for(resolution: int, family: str = "dcgan") -> Recipe:
+    """The recipe for `family` at images of `resolution` pixels square."""
+    if family in FAMILY_RECIPES:
+        return FAMILY_RECIPES[family]
     for recipe in RECIPES:
         if resolution <= recipe.max_resolution:
             return recipe
@@ -99,10 +122,13 @@ AUTO = "auto"  # a recipe key's value that asks for the recipe's
 
 def with_recipe(raw: dict, resolution: int) -> dict:
     """A copy of the raw params mapping with every recipe key it leaves out or sets to `auto`
-    filled from the recipe for `resolution`. Sections that are not mappings are left for the
-    schema to report."""
+    filled from the recipe for `resolution` (or model.family's own, FAMILY_RECIPES). Sections
+    that are not mappings are left for the schema to report."""
     filled = dict(raw)
-    for section, values in recipe_for(resolution).values.items():
+    model = raw.get("model")
+    family = model.get("family", "dcgan") if isinstance(model, dict) else "dcgan"
+    recipe = recipe_for(resolution, family if isinstance(family, str) else "")
+    for section, values in recipe.values.items():
         given = filled.get(section)
         if given is not None and not isinstance(given, dict):
             continue

@@ -164,6 +164,11 @@ class ModelParams(Section):
         description="spectral normalisation in D (SNGAN)" + RECIPE_NOTE,
     )
     spectral_norm_g: Bool = Field(False, description="spectral normalisation in G")
+    start_resolution: Int = Field(
+        4, ge=4, le=512,
+        description="progan: the resolution growing starts at (a power of two below "
+        "prepare.resolution)",
+    )  # fmt: skip
 
 
 class TrainParams(Section):
@@ -197,6 +202,16 @@ class TrainParams(Section):
     )
     n_critic: Int = Field(1, ge=1, le=100, description="D updates per G update")
     gp_weight: Float = Field(0.0, ge=0, description="WGAN-GP lambda (0 = off)")
+    stabilise_kimg: Float | None = Field(
+        None, gt=0,
+        description="progan: thousands of real images shown per stabilising phase (None: "
+        "the run's images shared equally by the phases, the last stabilising one twice)",
+    )  # fmt: skip
+    fade_kimg: Float | None = Field(
+        None,
+        gt=0,
+        description="progan: thousands of real images per fade-in (None: as stabilising)",
+    )
     drift_weight: Float = Field(
         0.0, ge=0,
         description="ProGAN's drift term: this times E[D(real)^2] in D's loss, keeping a "
@@ -561,6 +576,32 @@ with warnings.catch_warnings():
             data = {k: ({} if v is None else v) for k, v in data.items()}
             return with_recipe(data, _requested_resolution(data))
 
+        def _check_growth(self) -> None:
+            """progan: a start resolution it can grow from, and a run long enough to reach
+            the final resolution with the phase lengths given."""
+            model, train = self.model, self.train
+            start, final = model.start_resolution, self.prepare.resolution
+            if start & (start - 1) or start >= final:
+                raise inconsistent(
+                    f"model.start_resolution ({start}) must be a power of two below "
+                    f"prepare.resolution ({final}) for model.family 'progan'"
+                )
+            if train.stabilise_kimg is None and train.fade_kimg is None:
+                return  # shared out over the run's images: it reaches the end
+            doublings = int(math.log2(final // start))
+            stabilise = train.stabilise_kimg or train.fade_kimg
+            fade = train.fade_kimg or stabilise
+            needed = 1000 * doublings * (stabilise + fade)
+            shown = train.steps * train.batch_size * self.ray.num_workers * train.n_critic
+            if shown < needed:
+                raise inconsistent(
+                    f"model.family 'progan' grows from {start} to {final} px in {doublings} "
+                    f"doublings: {needed:,.0f} real images before the final resolution "
+                    f"stabilises (train.stabilise_kimg {stabilise:g}, fade_kimg {fade:g}), but "
+                    f"the run shows {shown:,} (train.steps x batch_size x ray.num_workers x "
+                    "n_critic); raise train.steps or shorten the phases"
+                )
+
         @model_validator(mode="after")
         def _consistent(self) -> Params:
             model, train, prepare = self.model, self.train, self.prepare
@@ -600,6 +641,13 @@ with warnings.catch_warnings():
                     f"register.metric {metric!r} needs evaluate.inception: true; "
                     "set it (and evaluate.inception_weights offline) or rank by a _domain metric"
                 )
+            if metric.startswith("augment_") and not self.augment.enabled:
+                raise inconsistent(
+                    f"register.metric {metric!r} is a figure of the augment stage, which "
+                    "augment.enabled: false turns off; enable it or rank by another metric"
+                )
+            if model.family == "progan":
+                self._check_growth()
             if metric == "cas_accuracy" and not model.conditional:
                 raise inconsistent(
                     "register.metric 'cas_accuracy' needs model.conditional: true (the classifier "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from pipeline.config import Params
 from pipeline.console import quiet_libraries
 from pipeline.data import PreparedSplit, RankLoader
 from pipeline.training.checkpoints import checkpoint_scratch, restore, write_history
+from pipeline.training.growth import AtFinalSize, Growth, growth_schedule, upsampled
 from pipeline.training.identity import check_same_run
 from pipeline.training.sessions import TrainSession
 from pipeline.training.tracker import SAMPLES_KEY, RunTracker
@@ -87,7 +89,8 @@ def train_loop(config: WorkerConfig, session) -> None:
     g, d = build_models(params, data.shape, num_classes)
     if _enabled(t.channels_last, device):
         g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
-    g, d = session.prepare(g), session.prepare(d)
+    schedule = growth_schedule(params)  # progan: the stage of every step
+    g, d = session.prepare(g, schedule is not None), session.prepare(d, schedule is not None)
     if t.compile:
         g, d = torch.compile(g), torch.compile(d)
     betas = (t.beta1, t.beta2)
@@ -100,6 +103,9 @@ def train_loop(config: WorkerConfig, session) -> None:
     )  # fmt: skip
     modules = {"generator": g, "generator_ema": state.ema.model, "discriminator": d}
     optimizers = {"opt_g": state.opt_g, "opt_d": state.opt_d}
+    growth = None
+    if schedule is not None:
+        growth = Growth(params, schedule, [g, d, state.ema.model], [state.opt_g, state.opt_d])
     loader = RankLoader(data, t.batch_size, rank, world, t.seed, num_classes > 0, device)
     nodes = _node_ids()  # a collective: every rank takes part
     tracker.tag("ganpipe.num_nodes", str(len(set(nodes))))
@@ -115,6 +121,8 @@ def train_loop(config: WorkerConfig, session) -> None:
         start = saved.step
     consumed = start * t.n_critic
     batches = loader.forever(consumed // len(loader), consumed % len(loader))
+    if growth is not None:  # full-resolution shards, reduced to the stage on the fly
+        batches = growth.reals(batches)
     cfg, sampler = step_config(params, device), LatentSampler(params.model.z_dim, num_classes)
 
     monitor = tracker.system_metrics()
@@ -127,6 +135,8 @@ def train_loop(config: WorkerConfig, session) -> None:
     try:
         tick, images = time.perf_counter(), 0
         for step in range(start, t.steps):
+            if growth is not None:
+                growth.before_step(step)
             if config.faults is not None:
                 config.faults.inject(rank, step, g)
             metrics = train_step(
@@ -148,11 +158,16 @@ def train_loop(config: WorkerConfig, session) -> None:
             metrics = to_floats(metrics) | {
                 "step": done, "images_per_s": images / elapsed, "diverged": False
             }  # fmt: skip
+            if growth is not None:
+                metrics |= {"resolution": growth.stage.resolution, "alpha": growth.stage.alpha}
             saving = done % t.checkpoint_every == 0 or done == t.steps
             if evaluator is not None or saving:  # statistics for the averaged weights
                 state.ema.averaged(sampler, t.seed)
             if evaluator is not None:
-                metrics |= evaluator(state.ema.model, spec)
+                scored = state.ema.model
+                if growth is not None:
+                    scored = AtFinalSize(scored, params.prepare.resolution)
+                metrics |= evaluator(scored, spec)
             tick, images = time.perf_counter(), 0
             history.append(metrics)
             tracker.log_metrics(metrics, done, _progress(metrics, t, world))
@@ -169,6 +184,7 @@ def train_loop(config: WorkerConfig, session) -> None:
                         config.identity,
                         data.dataset_hash,
                         config.run.run_id if config.run else None,
+                        None if growth is None else asdict(growth.stage),
                     )
                     to_save = checkpoint_scratch()
                     save_checkpoint(to_save, modules, optimizers, position)
@@ -227,8 +243,8 @@ def _save_sample_grid(
     from torchvision.utils import save_image
 
     z, labels = fixed_latents(64, params.model.z_dim, num_classes, params.train.seed, device)
-    with torch.no_grad():
-        images = ema_generator(z, labels).float()
+    with torch.no_grad():  # a growing generator's at its stage, shown at the final size
+        images = upsampled(ema_generator(z, labels).float(), params.prepare.resolution)
     path = directory / TRAIN_SAMPLES
     save_image((images + 1) / 2, path, nrow=8)
     return path

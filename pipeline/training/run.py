@@ -116,7 +116,7 @@ def open_mlflow_run(
 
     tags = {
         RUN_NAME_TAG: name,
-        "ganpipe.recipe": recipe_for(params.prepare.resolution).name,
+        "ganpipe.recipe": recipe_for(params.prepare.resolution, params.model.family).name,
         "ganpipe.task": task_for(params.model.conditional).name,
         "ganpipe.dataset_hash": dataset_hash,
         "ganpipe.git_commit": git_commit(),

@@ -28,10 +28,11 @@ class TrainSession:
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
 
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, module: torch.nn.Module, growing: bool = False) -> torch.nn.Module:
+        """DDP; a growing network (progan) leaves the layers of other resolutions unused."""
         import ray.train.torch
 
-        ddp = {"forward_sync_buffers": True, "find_unused_parameters": False}
+        ddp = {"forward_sync_buffers": True, "find_unused_parameters": growing}
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=ddp)
 
     def checkpoint(self):
@@ -55,7 +56,7 @@ class TuneSession:
     def __init__(self):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, module: torch.nn.Module, growing: bool = False) -> torch.nn.Module:
         return module.to(self.device)
 
     def checkpoint(self):

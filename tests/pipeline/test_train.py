@@ -473,3 +473,45 @@ def test_a_train_out_dir_holding_what_ganpipe_did_not_write_is_refused_before_an
     check_train_outputs(params)
     (out / "notes.txt").write_text("a user's file beside the outputs is left alone")
     check_train_outputs(params)
+
+
+def progan_params(tmp_path, name, **train):
+    """tiny_params with progressive growing from 4 to 8 px: 32 images a step (2 workers x
+    16), 128 images per phase: stabilise 4 px (steps 0-3), fade 8 px in (4-7), stabilise."""
+    tree = tiny_params(tmp_path, name, **train).model_dump(mode="json")
+    tree["model"] |= {"family": "progan", "start_resolution": 4, "g_width": 16, "d_width": 16}
+    tree["train"] |= {"stabilise_kimg": 0.128, "fade_kimg": 0.128, "loss": "wasserstein",
+                      "gp_weight": 10.0, "drift_weight": 0.001}  # fmt: skip
+    return validate_params(tree)
+
+
+@pytest.mark.slow
+def test_progan_killed_mid_fade_resumes_to_the_same_weights_with_ranks_in_lockstep(
+    tmp_path, ray_session, prepared
+):
+    """Rank 1 dies at step 6 (alpha 0.5 of the fade-in to 8 px); the run resumes from the
+    step-4 checkpoint (where the fade and an Adam reset begin) and ends bitwise equal to an
+    uninterrupted run; debug_checks compare the two ranks' weights at every checkpoint."""
+    from pipeline.train import train
+
+    steady, faulty = progan_params(tmp_path, "steady"), progan_params(tmp_path, "faulty")
+    a = train(steady)
+    with drill(FaultPlan(exit_rank=1, exit_at_step=6, marker=str(tmp_path / "died"))):
+        b = train(faulty)
+    assert (tmp_path / "died").exists()
+    assert a["steps"] == b["steps"] == 12
+    weights_a, weights_b = final_weights(steady), final_weights(faulty)
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0, msg=key)
+    rows = (tmp_path / "faulty" / "out" / "history.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    stages = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]]
+    assert [(s["step"], s["resolution"], float(s["alpha"])) for s in stages] == [
+        ("4", "4", 1.0),
+        ("8", "8", 0.75),
+        ("12", "8", 1.0),
+    ]  # the stage of each report's last step (step 3: 4 px; step 7: 3/4 faded in)
+    candidate = json.loads(Path(faulty.train.out_dir, "result.json").read_text())["candidates"]
+    state = json.loads(Path(faulty.train.out_dir, candidate[0]["checkpoint"], "state.json")
+                       .read_text())  # fmt: skip
+    assert state["stage"] == {"resolution": 8, "alpha": 1.0, "phase": 2}
