@@ -56,10 +56,21 @@ MIN_CHANNELS = 8
 MAX_RESOLUTION = 1024
 
 
-def _power_of_two(value: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and not (
-        value & (value - 1)
+def is_power_of_two(value) -> bool:
+    """True for the ints 1, 2, 4, 8, ... (not for bools, floats or tensors)."""
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value > 0
+        and not (value & (value - 1))
     )
+
+
+def check_alpha(alpha, where: str) -> float:
+    """`alpha` as a float; ValueError naming `where` unless it is a real number in [0, 1]."""
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
+        raise ValueError(f"{where}: alpha must be a number in [0, 1], got {alpha!r}")
+    return float(alpha)
 
 
 def progan_channels(resolution: int, width: int) -> int:
@@ -70,11 +81,11 @@ def progan_channels(resolution: int, width: int) -> int:
 
 def check_resolutions(resolution: int, start_resolution: int) -> None:
     """ValueError unless both are powers of two with 4 <= start <= final, 8 <= final <= 1024."""
-    if not _power_of_two(resolution) or not 8 <= resolution <= MAX_RESOLUTION:
+    if not is_power_of_two(resolution) or not 8 <= resolution <= MAX_RESOLUTION:
         raise ValueError(
             f"ProGAN needs a power-of-two resolution from 8 to {MAX_RESOLUTION}, got {resolution}"
         )
-    if not _power_of_two(start_resolution) or not 4 <= start_resolution <= resolution:
+    if not is_power_of_two(start_resolution) or not 4 <= start_resolution <= resolution:
         raise ValueError(
             f"ProGAN's start_resolution must be a power of two from 4 to the final resolution "
             f"{resolution}, got {start_resolution}"
@@ -225,17 +236,14 @@ class _Growing(ConditionalModule):
                 f"{type(self).__name__}: stage resolution must be a power of two from "
                 f"{self.start_resolution} to {self.resolution}, got {resolution}"
             )
-        if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0 <= alpha <= 1:
-            raise ValueError(
-                f"{type(self).__name__}: alpha must be a number in [0, 1], got {alpha!r}"
-            )
+        alpha = check_alpha(alpha, type(self).__name__)
         if resolution == self.start_resolution and alpha != 1:
             raise ValueError(
                 f"{type(self).__name__}: alpha must be 1 at the start resolution "
                 f"{resolution} (there is no lower resolution to fade from), got {alpha}"
             )
         self.current_resolution = int(resolution)
-        self.alpha = float(alpha)
+        self.alpha = alpha
 
     def extra_repr(self) -> str:
         return (
@@ -315,9 +323,7 @@ def final_generator(generator: nn.Module) -> ProGANGenerator:
     `generator`'s training mode and device: what save_generator / the registry export."""
     g = unwrap(generator)
     state = final_state_dict(g)
-    out = ProGANGenerator(
-        g.channels, g.resolution, g.z_dim, g.width, g.num_classes, growing=False
-    )
+    out = ProGANGenerator(g.channels, g.resolution, g.z_dim, g.width, g.num_classes, growing=False)
     out.load_state_dict(state)
     return out.to(next(g.parameters()).device).train(g.training)
 
