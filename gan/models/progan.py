@@ -231,7 +231,8 @@ class _Growing(ConditionalModule):
         Python number costs no device-to-host read when the forward branches on it. DDP does
         not broadcast it: every rank sets it from the same schedule. Call it on every copy
         (gan.progressive.apply_stage does G, D and the EMA generator at once)."""
-        if resolution not in _doublings(self.start_resolution, self.resolution):
+        valid = is_power_of_two(resolution)
+        if not valid or resolution not in _doublings(self.start_resolution, self.resolution):
             raise ValueError(
                 f"{type(self).__name__}: stage resolution must be a power of two from "
                 f"{self.start_resolution} to {self.resolution}, got {resolution}"

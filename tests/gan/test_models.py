@@ -10,7 +10,6 @@ from gan.models import (
 )
 from gan.models.mlp import MLPDiscriminator, MLPGenerator
 
-
 LINEAR_OUTPUT = {"progan"}  # the paper's linear output: consumers clamp to [-1, 1]
 
 
