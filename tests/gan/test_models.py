@@ -10,6 +10,8 @@ from gan.models import (
 )
 from gan.models.mlp import MLPDiscriminator, MLPGenerator
 
+LINEAR_OUTPUT = {"progan"}  # the paper's linear output: consumers clamp to [-1, 1]
+
 
 def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
@@ -31,7 +33,8 @@ def test_shapes_range_and_dtype(family, resolution, channels, num_classes):
     images = g(torch.randn(3, 16), labels)
     assert images.shape == (3, channels, resolution, resolution)
     assert images.dtype == torch.float32
-    assert images.abs().max() <= 1.0
+    if family not in LINEAR_OUTPUT:
+        assert images.abs().max() <= 1.0
     logits = d(images, labels)
     assert logits.shape == (3,)
     assert torch.isfinite(logits).all()
