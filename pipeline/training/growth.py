@@ -24,8 +24,8 @@ import math
 from collections.abc import Iterator
 
 import torch
-from gan.progressive import GrowthSchedule, Stage, apply_stage, blend_reals
 
+from gan.progressive import GrowthSchedule, Stage, apply_stage, blend_reals
 from pipeline.config import Params
 
 

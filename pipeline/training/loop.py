@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gan.ema import GeneratorEMA
-from gan.models import build_discriminator
+from gan.models import build_discriminator, build_generator
 from gan.sampling import LatentSampler, fixed_latents, step_generator
 from gan.step import GANTrainState, NonFiniteError, StepConfig, adam, to_floats, train_step
 from pipeline.artifacts import HISTORY, TRAIN_SAMPLES
@@ -32,10 +32,16 @@ def build_models(params: Params, shape: tuple[int, int, int], num_classes: int):
     """Generator and discriminator for the prepared image shape."""
     m = params.model
     height, _, channels = shape
-    g = generator_spec(m.model_dump(mode="json"), shape, num_classes).build()
+    spec = generator_spec(m.model_dump(mode="json"), shape, num_classes)
+    g = build_generator(  # what the spec builds, plus, for progan, every resolution's layers
+        spec.family, channels=channels, resolution=height, z_dim=spec.z_dim, width=spec.width,
+        num_classes=spec.num_classes, mlp_depth=spec.mlp_depth, spectral_norm=spec.spectral_norm,
+        start_resolution=m.start_resolution, growing=True,
+    )  # fmt: skip
     d = build_discriminator(
         m.family, channels=channels, resolution=height, width=m.d_width, num_classes=num_classes,
         mlp_depth=m.mlp_depth, norm=m.d_norm, spectral_norm=m.spectral_norm_d,
+        start_resolution=m.start_resolution,
     )  # fmt: skip
     return g, d
 
