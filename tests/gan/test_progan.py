@@ -24,6 +24,7 @@ from gan.models.progan import (
     progan_channels,
 )
 from gan.progressive import GrowthSchedule, apply_stage, blend_reals
+from gan.regularizers import apply_spectral_norm
 from gan.sampling import LatentSampler, step_generator
 from gan.step import GANTrainState, StepConfig, adam, train_step
 
@@ -228,6 +229,17 @@ def test_equalized_layers_scale_n01_weights_at_run_time():
     assert torch.allclose(dense.weight.grad, w.grad * dense.scale, atol=1e-6)
 
 
+def test_a_spectrally_normalised_layer_drops_the_he_constant():
+    # SN already gives the weight spectral norm 1; the He constant on top would shrink every
+    # layer (a 32 px D's logits had std 3e-15 with both)
+    torch.manual_seed(0)
+    layer = apply_spectral_norm(EqualizedConv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 8, 5, 5)
+    assert torch.allclose(layer(x), F.conv2d(x, layer.weight, layer.bias, padding=1), atol=1e-6)
+    d = build_discriminator("progan", channels=3, resolution=32, width=32)  # SN by default
+    assert d(torch.rand(8, 3, 32, 32) * 2 - 1).std() > 1e-5
+
+
 def test_every_layer_is_equalized_and_d_has_no_normalisation():
     g, d = generator(num_classes=3), discriminator(num_classes=3)
     for net in (g, d):
@@ -310,6 +322,14 @@ def test_the_non_growing_export_equals_the_growing_generator_at_the_final_stage(
         assert torch.equal(final_generator(g)(z, labels), g(z, labels))
     with pytest.raises(ValueError, match="from 64 to 64"):
         exported.set_stage(32, 1.0)
+    # a spectrally normalised generator exports as GeneratorSpec(spectral_norm=True) builds it
+    kwargs = dict(channels=1, resolution=16, z_dim=8, width=8, num_classes=num_classes)
+    sn = build_generator("progan", spectral_norm=True, **kwargs).eval()
+    sn_spec = GeneratorSpec("progan", spectral_norm=True, **kwargs).build().eval()
+    sn_spec.load_state_dict(final_state_dict(sn))
+    with torch.no_grad():
+        assert torch.equal(final_generator(sn)(z, labels), sn(z, labels))
+        assert torch.equal(sn_spec(z, labels), sn(z, labels))
     with pytest.raises(TypeError, match="ProGANGenerator"):
         final_state_dict(build_generator("dcgan", channels=1, resolution=8, z_dim=8, width=8))
 
