@@ -24,11 +24,14 @@ def test_importing_ganpipe_loads_no_ray_and_nothing_heavy_until_used():
 
 def test_the_documented_names_are_there_and_only_they():
     assert ganpipe.__all__ == [
-        "LoadedGenerator", "RegistryError", "fetch_verified", "load", "save_images",
+        "LoadedGenerator", "RegistryError", "SynthesisRequest", "fetch_verified", "load",
+        "save_images", "synthesize",
     ]  # fmt: skip
     from pipeline.serving import LoadedGenerator, load
+    from pipeline.synthesize import synthesize
 
     assert ganpipe.load is load and ganpipe.LoadedGenerator is LoadedGenerator
+    assert ganpipe.synthesize is synthesize
     assert set(ganpipe.__all__) <= set(dir(ganpipe))
     with pytest.raises(AttributeError, match="module 'ganpipe' has no attribute 'sample_grid'"):
         ganpipe.sample_grid  # noqa: B018
