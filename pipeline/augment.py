@@ -131,7 +131,9 @@ def synthetic_set(generator, spec, quota: np.ndarray, seed: int, labeler=None,
         labels = np.repeat(np.arange(len(quota)), quota)
         images = draw(generator, spec, len(labels), seed, labels)
         return images, labels, {"drawn": len(labels), "kept": len(labels), "short": 0}
-    wanted, parts, drawn = quota.copy(), [], 0
+    wanted, drawn = quota.copy(), 0
+    shape = (spec.resolution, spec.resolution, spec.channels)
+    parts = [(np.empty((0, *shape), np.uint8), np.empty(0, np.int64))]
     while wanted.sum() and drawn < DRAWS_PER_IMAGE * quota.sum():
         images = draw(generator, spec, CHUNK, mix_seed(seed, drawn))
         kept, labels = pseudo_labels(labeler, images, min_confidence)
@@ -140,8 +142,8 @@ def synthetic_set(generator, spec, quota: np.ndarray, seed: int, labeler=None,
             rows = kept[labels == label][: wanted[label]]
             wanted[label] -= len(rows)
             parts.append((images[rows], np.full(len(rows), label)))
-    images = np.concatenate([p[0] for p in parts]) if parts else np.empty((0, *images.shape[1:]))
-    labels = np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.int64)
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
     return images.astype(np.uint8), labels.astype(np.int64), {
         "drawn": drawn, "kept": len(labels), "short": int(wanted.sum())
     }  # fmt: skip
@@ -250,7 +252,7 @@ def augment(params: Params) -> dict:
             quota_per_real = np.bincount(y, minlength=num_classes)
             for candidate, (generator, spec, _) in generators.items():
                 for ratio in a.ratios:
-                    quota = np.round(quota_per_real * ratio).astype(np.int64)
+                    quota = np.ceil(quota_per_real * ratio).astype(np.int64)  # >= 1 each
                     fake_x, fake_y, stats = synthetic_set(
                         generator, spec, quota, mix_seed(seed, int(ratio * 1000)), real_net,
                         a.min_confidence,

@@ -99,6 +99,8 @@ def test_synthetic_sets_fill_each_class_quota():
     net = FeatureNet(1, 3, width=4).eval()  # untrained: its softmax is rarely above 0.9
     _, labels, stats = synthetic_set(plain.build().eval(), plain, np.array([3, 3, 3]), 0, net, 0.9)
     assert stats["kept"] == len(labels) == 9 - stats["short"] and stats["drawn"] >= 1024
+    images, labels, stats = synthetic_set(plain.build().eval(), plain, np.zeros(3, int), 0, net)
+    assert images.shape == (0, 16, 16, 1) and len(labels) == 0 and stats["drawn"] == 0
 
 
 @pytest.mark.slow
