@@ -67,6 +67,7 @@ def small_params(root: Path) -> None:
     params["train"] |= {"steps": 40, "log_every": 20, "checkpoint_every": 20}
     params["featurenet"] |= {"epochs": 3, "min_accuracy": 0.5}
     params["evaluate"] |= {"num_samples": 500, "kid_subset_size": 250}
+    params["augment"] |= {"seeds": 1, "shots": [10]}  # measured elsewhere: the cluster's time
     params["ray"] |= {"num_workers": 2, "cpus_per_worker": 1, "placement_strategy": "STRICT_SPREAD"}
     params["train"]["batch_size"] = 64
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -167,7 +168,7 @@ def test_the_submitted_pipeline_trains_on_both_nodes_and_registers_into_the_serv
     from mlflow.tracking import MlflowClient
 
     assert stages_run(submitted.stdout) == [
-        "prepare", "featurenet", "train", "evaluate", "register"
+        "prepare", "featurenet", "train", "evaluate", "augment", "register"
     ], submitted.stdout[-3000:]  # fmt: skip
     assert "succeeded" in submitted.stdout, submitted.stdout[-3000:]
     root = cluster["root"]

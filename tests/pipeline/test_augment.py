@@ -168,7 +168,8 @@ def test_register_ranks_by_the_augmentation_gain_under_the_augment_protocol(setu
 @pytest.mark.slow
 def test_disabled_it_writes_an_empty_report_and_no_metrics(setup, tmp_path):
     tree = setup["tree"] | {"augment": {"enabled": False, "out_dir": str(tmp_path / "a"),
-                                        "metrics_dir": str(tmp_path / "m")}}  # fmt: skip
+                                        "metrics_dir": str(tmp_path / "m")},
+                            "register": {"metric": "fid_domain"}}  # fmt: skip
     report = augment(validate_params(tree))
     assert report == {"enabled": False, "candidates": {}}
     assert list((tmp_path / "m").iterdir()) == []
