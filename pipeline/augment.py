@@ -74,7 +74,7 @@ from pipeline.featurenet import accuracy, fit_classifier, load_featurenet
 from pipeline.files import check_output_dir, replace_entries, staging_dir, write_json
 from pipeline.metrics_files import check_metrics_dir, figure, write_metrics_dir
 from pipeline.synthetic import class_counts, draw, pseudo_labels
-from pipeline.tracking import check_reachable, tracking_uri
+from pipeline.tracking import candidate_runs, check_reachable, tracking_uri
 
 BASELINES = ("real", "classical")
 DRAWS_PER_IMAGE = 10  # unconditional: samples drawn per synthetic image wanted, at most
@@ -478,19 +478,10 @@ def _blank_png(path: Path) -> None:
 def _log_to_runs(uri: str, report: dict, out_dir: Path) -> None:
     """Each candidate's figures (augment.*) and the plot into its MLflow training run."""
     from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client, now = MlflowClient(uri), int(time.time() * 1000)
-    for name, result in report["candidates"].items():
-        run_id = result["mlflow_run_id"]
-        if not run_id:
-            continue
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            log.warning("MLflow run %s of %s is not in %s: not logged", run_id, name, uri)
-            continue
+    for _, result, run_id in candidate_runs(client, report["candidates"]):
         values = {k: result[k] for k in ("augment_gain", "augment_gain_vs_classical",
                                          "augment_cas", "accuracy")}  # fmt: skip
         for shot in report["shots"]:

@@ -71,7 +71,7 @@ from pipeline.scoring import (
     sample_images,
 )
 from pipeline.shards import verify_prepared
-from pipeline.tracking import check_reachable, json_tag, tracking_uri
+from pipeline.tracking import candidate_runs, check_reachable, json_tag, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -375,19 +375,10 @@ def _log_to_runs(uri: str, report: dict, out_dir: Path) -> None:
     """Each candidate's metrics, the protocol and its grid (from `out_dir`), into its MLflow
     training run."""
     from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client, now = MlflowClient(uri), int(time.time() * 1000)
-    for name, result in report["candidates"].items():
-        run_id = result["mlflow_run_id"]
-        if not run_id:
-            continue
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            log.warning("MLflow run %s of %s is not in %s: not logged", run_id, name, uri)
-            continue
+    for name, result, run_id in candidate_runs(client, report["candidates"]):
         values = {k: v for k, v in result.items() if isinstance(v, float)}
         values |= {f"sanity.{k}": v for k, v in report["sanity"].items()}
         for which, scores in result["by_generator"].items():

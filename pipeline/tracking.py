@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -181,3 +182,22 @@ def reopen_run(client, run_id: str, clear_tags=()) -> None:
             client.delete_tag(run_id, tag)
     client.set_tag(run_id, DRIVER_TAG, driver_id())
     client.update_run(run_id, status="RUNNING")
+
+
+def candidate_runs(client, candidates: dict[str, dict]):
+    """(name, result, run id) of each candidate whose MLflow training run is in `client`'s
+    store; one without a run id is skipped, one whose run is missing with a warning."""
+    from mlflow.exceptions import MlflowException
+
+    for name, result in candidates.items():
+        run_id = result["mlflow_run_id"]
+        if not run_id:
+            continue
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            logging.getLogger(__name__).warning(
+                "MLflow run %s of %s is not in %s: not logged", run_id, name, client.tracking_uri
+            )
+            continue
+        yield name, result, run_id
