@@ -97,8 +97,10 @@ class GeneratorEMA:
     """Holds an eval-mode copy of the generator; `update` after every generator step.
 
     `images_per_step`: images one generator update sees across all ranks (the global batch).
-    Under DDP, build it from the wrapped generator (after DDP has broadcast rank 0's weights),
-    so every rank starts its average from the same weights.
+    `images_before`, for a batch that changes during training (ProGAN's batch per
+    resolution): the images generator updates before update k saw (0-based; default k x
+    images_per_step). Under DDP, build it from the wrapped generator (after DDP has broadcast
+    rank 0's weights), so every rank starts its average from the same weights.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class GeneratorEMA:
         half_life_images: float,
         images_per_step: int,
         rampup: float | None = 0.01,
+        images_before: Callable[[int], int] | None = None,
     ):
         if half_life_images < 0:
             raise ValueError(f"EMA half-life must be >= 0 images, got {half_life_images}")
@@ -116,6 +119,7 @@ class GeneratorEMA:
             raise ValueError(f"images_per_step must be >= 1, got {images_per_step}")
         self.half_life_images = half_life_images
         self.images_per_step = images_per_step
+        self.images_before = images_before or (lambda step: step * images_per_step)
         self.rampup = rampup
         self.model = copy.deepcopy(unwrap(generator)).eval().requires_grad_(False)
         statistics = _norm_statistic_names(self.model)
@@ -125,13 +129,13 @@ class GeneratorEMA:
 
     def beta(self, step: int) -> float:
         """The share of the old average kept after generator update `step` (0-based)."""
-        images = (step + 1) * self.images_per_step
+        images = self.images_before(step + 1)
         half_life = self.half_life_images
         if self.rampup is not None:
             half_life = min(half_life, images * self.rampup)
         if half_life <= 0:
             return 0.0
-        return 0.5 ** (self.images_per_step / half_life)
+        return 0.5 ** ((images - self.images_before(step)) / half_life)
 
     @torch.no_grad()
     def update(self, generator: nn.Module, step: int, skip: Tensor | None = None) -> None:

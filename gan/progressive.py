@@ -17,6 +17,7 @@ levels of detail), and while fading lerp(upsample(avgpool2(x_r)), x_r, alpha).
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,24 @@ class GrowthSchedule:
             phases.append(Phase(len(phases), kind, resolution, start, end))
             start = start if end is None else end
         return tuple(phases)
+
+    def images_before(self, step: int, images_per_step: Callable[[int], int]) -> int:
+        """Real images shown before step `step` (0-based) when a step at a stage of resolution
+        r shows `images_per_step(r)` images (ProGAN's minibatch per level of detail: the batch
+        may change with the resolution). A step's stage is `at` the images before it, so a
+        phase ends after the first step that reaches its end."""
+        _check_count("step", step)
+        shown, done = 0, 0
+        for phase in self.phases():
+            batch = images_per_step(phase.resolution)
+            if not isinstance(batch, numbers.Integral) or isinstance(batch, bool) or batch < 1:
+                raise ValueError(f"images per step at {phase.resolution} px must be >= 1, got "
+                                 f"{batch!r}")  # fmt: skip
+            steps = None if phase.end is None else max(0, -(-(phase.end - shown) // batch))
+            if steps is None or step < done + steps:
+                return shown + (step - done) * batch
+            shown, done = shown + steps * batch, done + steps
+        raise AssertionError("unreachable: the last phase never ends")
 
     def at(self, images_shown: int) -> Stage:
         """The stage after `images_shown` real images (a whole number >= 0)."""

@@ -61,9 +61,26 @@ def ray_nodes(env: dict, address: str) -> int:
     return next((int(c) for c in counts if c.isdigit()), 0)
 
 
+def digits_folder(root: Path) -> None:
+    """scikit-learn's digits as a user's image folder, images/<class>/<n>.png."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for n, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / "images" / f"digit{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype(np.uint8)).save(folder / f"{n}.png")
+
+
 def small_params(root: Path) -> None:
-    """The shipped params, trained briefly: 2 workers, one per node."""
+    """The shipped params on an image folder, trained briefly by progressive growing (4 ->
+    16 px over the run's 40 steps): 2 workers, one per node."""
+    digits_folder(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
+    params["prepare"] |= {"source": "imagefolder", "image_dir": "images"}
+    params["model"] |= {"family": "progan", "g_width": 32, "d_width": 32}
     params["train"] |= {"steps": 40, "log_every": 20, "checkpoint_every": 20}
     params["featurenet"] |= {"epochs": 3, "min_accuracy": 0.5}
     params["evaluate"] |= {"num_samples": 500, "kid_subset_size": 250}
@@ -184,11 +201,36 @@ def test_the_submitted_pipeline_trains_on_both_nodes_and_registers_into_the_serv
     assert str(champion.version) == str(registered["version"])
     assert champion.run_id == run.info.run_id
 
+    assert champion.tags["ganpipe.family"] == "progan"
+
     # Checkpoints went to the storage URI, not into the project directory.
     storage = Path(cluster["storage"].removeprefix("file://"))
     assert list(storage.glob(f"{result['run_name']}/checkpoint_*/state.json"))
     assert not (root / "runs").exists()
     assert (root / "models/train/candidates" / result["run_name"]).is_dir()
+
+
+def test_the_grown_champion_serves_over_http_at_the_final_resolution_only(
+    cluster, submitted, tmp_path
+):
+    """`mlflow models serve` of the server's champion (progan grown to 16 px): the images of
+    the Python API, from a generator that holds one toRGB layer, the final resolution's."""
+    import numpy as np
+
+    import ganpipe
+    from tests.pipeline.test_serving import serve
+
+    champion = "models:/ganpipe-generator@champion"
+    generator = ganpipe.load(champion, cluster["mlflow"])
+    to_rgb = [k for k in generator.generator.state_dict() if "rgb" in k.lower()]
+    assert to_rgb and all("16" in k or "final" in k for k in to_rgb), to_rgb
+    env = {**cluster["env"], "MLFLOW_TRACKING_URI": cluster["mlflow"]}
+    with serve(champion, env, tmp_path) as post:
+        status, body = post({"dataframe_records": [{"num_images": 3, "seed": 4}]})
+    assert status == 200, body
+    images = np.asarray(body["predictions"], dtype=np.float32)
+    assert images.shape == (3, 1, 16, 16)
+    np.testing.assert_allclose(images, generator.sample(3, seed=4).numpy(), atol=1e-6)
 
 
 def test_joining_without_the_cluster_token_is_a_clear_error(cluster, submitted):

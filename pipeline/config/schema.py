@@ -29,6 +29,7 @@ from pydantic import (
 from gan.augment import POLICIES
 from gan.losses import LOSSES
 from gan.models import D_NORMS, FAMILIES
+from pipeline.config.growth import batch_at, growth_schedule, images_shown, resolutions
 from pipeline.config.messages import describe_problem, did_you_mean, inconsistent
 from pipeline.errors import echo, shorten
 from pipeline.recipes import RECIPE_NOTE, recipe_default, with_recipe
@@ -187,6 +188,12 @@ class TrainParams(Section):
     )  # fmt: skip
     global_batch_size: Int | None = Field(
         None, ge=1, description="batch_size x ray.num_workers; set it to have that checked"
+    )
+    batch_size_per_resolution: dict[int, Int] | None = Field(
+        None,
+        description="progan: images per worker per D update at a resolution, e.g. {4: 128, 8: "
+        "128, 16: 64} (the paper's minibatch per level of detail); resolutions not listed "
+        "use batch_size",
     )
     lr_g: Float = Field(
         recipe_default("train", "lr_g"), gt=0, le=1, description="Adam lr of G" + RECIPE_NOTE
@@ -577,8 +584,9 @@ with warnings.catch_warnings():
             return with_recipe(data, _requested_resolution(data))
 
         def _check_growth(self) -> None:
-            """progan: a start resolution it can grow from, and a run long enough to reach
-            the final resolution with the phase lengths given."""
+            """progan: a start resolution it can grow from, batch sizes for its resolutions,
+            and a run long enough to reach the final resolution with the phase lengths given
+            (the run's last step trains the final resolution faded in)."""
             model, train = self.model, self.train
             start, final = model.start_resolution, self.prepare.resolution
             if start & (start - 1) or start >= final:
@@ -586,20 +594,33 @@ with warnings.catch_warnings():
                     f"model.start_resolution ({start}) must be a power of two below "
                     f"prepare.resolution ({final}) for model.family 'progan'"
                 )
+            grown = resolutions(self)
+            other = sorted(set(train.batch_size_per_resolution or {}) - set(grown))
+            if other:
+                raise inconsistent(
+                    f"train.batch_size_per_resolution names {other}, not resolutions this run "
+                    f"grows through ({', '.join(map(str, grown))}: model.start_resolution to "
+                    "prepare.resolution)"
+                )
+            small = {r: b for r, b in (train.batch_size_per_resolution or {}).items() if b < 1}
+            if small:
+                raise inconsistent(f"train.batch_size_per_resolution: {small} must be >= 1")
             if train.stabilise_kimg is None and train.fade_kimg is None:
                 return  # shared out over the run's images: it reaches the end
-            doublings = int(math.log2(final // start))
-            stabilise = train.stabilise_kimg or train.fade_kimg
-            fade = train.fade_kimg or stabilise
-            needed = 1000 * doublings * (stabilise + fade)
-            shown = train.steps * train.batch_size * self.ray.num_workers * train.n_critic
-            if shown < needed:
+            schedule = growth_schedule(self)
+            final_start = schedule.phases()[-1].start
+            last = images_shown(self, train.steps - 1)
+            if last < final_start:
+                doublings = len(grown) - 1
+                batches = sorted({batch_at(self, r) for r in grown})
                 raise inconsistent(
                     f"model.family 'progan' grows from {start} to {final} px in {doublings} "
-                    f"doublings: {needed:,.0f} real images before the final resolution "
-                    f"stabilises (train.stabilise_kimg {stabilise:g}, fade_kimg {fade:g}), but "
-                    f"the run shows {shown:,} (train.steps x batch_size x ray.num_workers x "
-                    "n_critic); raise train.steps or shorten the phases"
+                    f"doublings: {final_start:,} real images before the final resolution "
+                    f"stabilises (train.stabilise_kimg {train.stabilise_kimg or train.fade_kimg:g}"
+                    f", fade_kimg {train.fade_kimg or train.stabilise_kimg:g}), but the run's last "
+                    f"step starts after {last:,} (train.steps x batch "
+                    f"{'/'.join(map(str, batches))} x ray.num_workers x n_critic); raise "
+                    "train.steps or shorten the phases"
                 )
 
         @model_validator(mode="after")
@@ -648,6 +669,12 @@ with warnings.catch_warnings():
                 )
             if model.family == "progan":
                 self._check_growth()
+            elif train.batch_size_per_resolution is not None:
+                raise inconsistent(
+                    "train.batch_size_per_resolution is for model.family 'progan' (a batch per "
+                    f"resolution it grows through); {model.family!r} trains at one resolution: "
+                    "remove it and set train.batch_size"
+                )
             if metric == "cas_accuracy" and not model.conditional:
                 raise inconsistent(
                     "register.metric 'cas_accuracy' needs model.conditional: true (the classifier "

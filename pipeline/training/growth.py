@@ -1,52 +1,30 @@
 """Progressive growing in the training loop (model.family progan, gan/progressive.py).
 
 The stage (resolution, fade-in alpha) of every step is a pure function of the real images
-shown before it: step x global batch x n_critic, so it is the same for any number of workers
-at one global batch, and a run resumed at step k is at the stage the uninterrupted run was.
-The stage is applied to G, D and the EMA copy before each step; every real batch is reduced
-to the stage's resolution and, while fading, blended like the fakes (gan.progressive.
-blend_reals); the ranks read full-resolution shards and reduce on the fly, no re-prepare.
+shown before it (pipeline/config/growth.py: the step, the global batch at each resolution and
+n_critic), so it is the same for any number of workers at one global batch, and a run resumed
+at step k is at the stage the uninterrupted run was. The stage is applied to G, D and the EMA
+copy before each step; every real batch is reduced to the stage's resolution and, while fading,
+blended like the fakes (gan.progressive.blend_reals); the ranks read full-resolution shards and
+reduce on the fly, no re-prepare. With train.batch_size_per_resolution a step's batch joins
+as many loader batches as its resolution takes.
 
 Adam's moments are reset at every phase boundary (a fade-in starts, a fade-in ends), as the
 paper's code does (tkarras/progressive_growing_of_gans, train.py: reset_opt_for_new_lod): the
 moments of layers that were fading in do not carry over. Whether step k starts a phase is
 decided from the schedule (stage of k-1 against stage of k), never from what the loop last
 saw, so a resumed run resets exactly where the uninterrupted one did.
-
-Phase lengths: train.stabilise_kimg and train.fade_kimg, or, left unset, the run's images
-shared equally by the phases with the last (stabilising at the final resolution) twice as
-long.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import torch
 
 from gan.progressive import GrowthSchedule, Stage, apply_stage, blend_reals
 from pipeline.config import Params
-
-
-def growth_schedule(params: Params) -> GrowthSchedule | None:
-    """The run's schedule (None for families that do not grow)."""
-    if params.model.family != "progan":
-        return None
-    t, start = params.train, params.model.start_resolution
-    final = params.prepare.resolution
-    phases = 1 + 2 * int(math.log2(final // start))
-    share = images_shown(params, t.steps) / (phases + 1)  # the last phase twice
-    stabilise = 1000 * t.stabilise_kimg if t.stabilise_kimg else None
-    fade = 1000 * t.fade_kimg if t.fade_kimg else None
-    stabilise = stabilise or fade or share
-    return GrowthSchedule(start, final, int(stabilise), int(fade or stabilise))
-
-
-def images_shown(params: Params, step: int) -> int:
-    """Real images D has seen before step `step` (0-based) across all ranks."""
-    t = params.train
-    return step * t.batch_size * params.ray.num_workers * t.n_critic
+from pipeline.config.growth import batch_at, images_shown, loader_batch_size
 
 
 class Growth:
@@ -73,9 +51,16 @@ class Growth:
         return stage
 
     def reals(self, batches: Iterator) -> Iterator:
-        """The loader's batches at the current stage's resolution, blended while fading."""
+        """The current stage's real batches: as many loader batches as its resolution's batch
+        takes, joined, at the stage's resolution and blended while fading."""
+        loader_batch = loader_batch_size(self.params)
         for images, labels in batches:
             stage = self.stage
+            parts = batch_at(self.params, stage.resolution) // loader_batch
+            if parts > 1:
+                more = [next(batches) for _ in range(parts - 1)]
+                images = torch.cat([images, *(m[0] for m in more)])
+                labels = None if labels is None else torch.cat([labels, *(m[1] for m in more)])
             yield blend_reals(images, stage.resolution, stage.alpha), labels
 
     def at_final(self, step: int) -> bool:

@@ -18,10 +18,16 @@ from pipeline.artifacts import HISTORY, TRAIN_SAMPLES
 from pipeline.candidates import generator_spec
 from pipeline.checkpoint import TrainingState, save_checkpoint
 from pipeline.config import Params
+from pipeline.config.growth import (
+    batches_before,
+    growth_schedule,
+    images_shown,
+    loader_batch_size,
+)
 from pipeline.console import quiet_libraries
 from pipeline.data import PreparedSplit, RankLoader
 from pipeline.training.checkpoints import checkpoint_scratch, restore, write_history
-from pipeline.training.growth import AtFinalSize, Growth, growth_schedule, upsampled
+from pipeline.training.growth import AtFinalSize, Growth, upsampled
 from pipeline.training.identity import check_same_run
 from pipeline.training.sessions import TrainSession
 from pipeline.training.tracker import SAMPLES_KEY, RunTracker
@@ -105,14 +111,18 @@ def train_loop(config: WorkerConfig, session) -> None:
         adam(g.parameters(), t.lr_g, betas),
         adam(d.parameters(), t.lr_d, betas),
         # from rank 0's broadcast weights
-        GeneratorEMA(g, t.ema_kimg * 1000, t.batch_size * world, t.ema_rampup),
+        GeneratorEMA(
+            g, t.ema_kimg * 1000, t.batch_size * world, t.ema_rampup,
+            lambda k: images_shown(params, k) // t.n_critic,  # the batch may change (progan)
+        ),
     )  # fmt: skip
     modules = {"generator": g, "generator_ema": state.ema.model, "discriminator": d}
     optimizers = {"opt_g": state.opt_g, "opt_d": state.opt_d}
     growth = None
     if schedule is not None:
         growth = Growth(params, schedule, [g, d, state.ema.model], [state.opt_g, state.opt_d])
-    loader = RankLoader(data, t.batch_size, rank, world, t.seed, num_classes > 0, device)
+    loader = RankLoader(data, loader_batch_size(params), rank, world, t.seed, num_classes > 0,
+                        device)  # fmt: skip
     nodes = _node_ids()  # a collective: every rank takes part
     tracker.tag("ganpipe.num_nodes", str(len(set(nodes))))
 
@@ -125,7 +135,7 @@ def train_loop(config: WorkerConfig, session) -> None:
         else:
             check_same_run(saved.params, config.identity)
         start = saved.step
-    consumed = start * t.n_critic
+    consumed = batches_before(params, start)
     batches = loader.forever(consumed // len(loader), consumed % len(loader))
     if growth is not None:  # full-resolution shards, reduced to the stage on the fly
         batches = growth.reals(batches)
@@ -148,8 +158,8 @@ def train_loop(config: WorkerConfig, session) -> None:
             metrics = train_step(
                 state, batches, cfg, sampler, step_generator(t.seed, rank, step), step
             )
-            images += t.batch_size * t.n_critic * world
             done = step + 1
+            images += images_shown(params, done) - images_shown(params, step)
             if done % t.log_every and done % t.checkpoint_every and done != t.steps:
                 continue
             try:  # the step skips non-finite updates; a report names the first (gan.step)
@@ -176,13 +186,13 @@ def train_loop(config: WorkerConfig, session) -> None:
                 metrics |= evaluator(scored, spec)
             tick, images = time.perf_counter(), 0
             history.append(metrics)
-            tracker.log_metrics(metrics, done, _progress(metrics, t, world))
+            tracker.log_metrics(metrics, done, _progress(metrics, params))
             to_save = None
             if saving:
                 if t.debug_checks and not weights_agree([g, d, state.ema.model]):
                     raise RuntimeError(f"ranks hold different weights at step {done}")
                 if rank == 0:
-                    consumed = done * t.n_critic
+                    consumed = batches_before(params, done)
                     position = TrainingState(
                         done,
                         consumed // len(loader),
@@ -205,10 +215,10 @@ def train_loop(config: WorkerConfig, session) -> None:
             monitor.finish()
 
 
-def _progress(metrics: dict, t, world: int) -> dict:
+def _progress(metrics: dict, params: Params) -> dict:
     """What the driver's progress line shows of this report (pipeline.console)."""
-    rate = metrics["images_per_s"]
-    left = (t.steps - metrics["step"]) * t.batch_size * t.n_critic * world
+    t, rate = params.train, metrics["images_per_s"]
+    left = images_shown(params, t.steps) - images_shown(params, metrics["step"])
     keys = ("step", "images_per_s", "loss_d", "loss_g", "fid_domain")
     return {
         **{k: metrics[k] for k in keys if k in metrics},

@@ -19,6 +19,7 @@ from pipeline.cluster import (
     use_gpu,
 )
 from pipeline.config import Params, flatten
+from pipeline.config.growth import batch_at, resolutions
 from pipeline.console import library_log_level
 from pipeline.data import check_data_for_task, check_split_fits_batch
 from pipeline.recipes import recipe_for
@@ -55,7 +56,8 @@ def prepare_training(params: Params) -> Setup:
     check_train_outputs(params)
     manifest = verify_prepared(params.prepare.out_dir, ["train"])
     check_data_for_task(manifest, task_for(params.model.conditional))
-    check_split_fits_batch(manifest, params.train.batch_size, params.ray.num_workers)
+    largest = max(batch_at(params, r) for r in resolutions(params))  # progan: per resolution
+    check_split_fits_batch(manifest, largest, params.ray.num_workers)
     uri = tracking_uri(params)
     check_reachable(uri)
     return Setup(params, manifest, storage_root(params), uri, MlflowClient(uri))

@@ -21,6 +21,12 @@ and a child run per trial. Outputs in `train.out_dir`: result.json (per-trial ta
 table, the best `sweep.top_k` trials as candidates for the evaluate stage), candidates/,
 best_params.yaml (params.yaml with the best trial's values), and the best trial's history and
 sample grid.
+
+Progressive growing (model.family progan): every trial is scored at the final resolution at
+every evaluation, its samples upsampled from the stage it is at (pipeline.training.growth.
+AtFinalSize), so ASHA compares all trials on one FID at equal images shown and a trial that
+grows later pays for its blur; a trial whose last checkpoint was taken before it had grown to
+the final resolution (stopped early) is never a candidate: there is nothing to export yet.
 """
 
 from __future__ import annotations
@@ -392,6 +398,8 @@ def _summarize(setup: Setup, grid, reasons: dict, name: str, parent: str, experi
         checkpoints = [c for c in frame.get("checkpoint_path", []) if isinstance(c, str)]
         if result.checkpoint is not None:  # a PBT trial's own (Tune-managed) checkpoint
             checkpoints.append(result.checkpoint.path)
+        grown = grown_at_last_checkpoint(frame, params.prepare.resolution,
+                                         tune_managed=result.checkpoint is not None)  # fmt: skip
         trials.append({
             "trial_id": trial_id,
             "run_name": run_name(
@@ -403,10 +411,11 @@ def _summarize(setup: Setup, grid, reasons: dict, name: str, parent: str, experi
             "final_fid": fids[-1] if fids else None,
             "stop_reason": reason,
             "checkpoint": checkpoints[-1] if checkpoints else None,
+            "grown": grown,
         })  # fmt: skip
     ranked = sorted(
         (t for t in trials if t.get("final_fid") is not None and t["stop_reason"] != "diverged"
-         and t.get("checkpoint")),
+         and t.get("checkpoint") and t["grown"]),
         key=lambda t: t["final_fid"],
     )  # fmt: skip
     for trial in trials:
@@ -430,6 +439,23 @@ def _summarize(setup: Setup, grid, reasons: dict, name: str, parent: str, experi
     local = [functools.partial(local_checkpoint, t["checkpoint"], setup.storage) for t in best]
     write_train_outputs(Path(params.train.out_dir), summary, local, _best_params(base, ranked))
     return summary
+
+
+def grown_at_last_checkpoint(frame, final_resolution: int, tune_managed: bool = False) -> bool:
+    """Whether a trial's last checkpoint holds a generator grown to the final resolution and
+    faded in (always, for families that do not grow): a progan trial stopped early by ASHA can
+    end before that, and such a checkpoint has nothing to export, so it is no candidate. The
+    stage is the one reported with the checkpoint (a Tune-managed PBT checkpoint: the last
+    report's)."""
+    if "alpha" not in frame:
+        return True
+    rows = frame
+    if not tune_managed and "checkpoint_path" in frame:
+        rows = frame[frame["checkpoint_path"].map(lambda c: isinstance(c, str))]
+    if rows.empty:
+        return False
+    last = rows.iloc[-1]
+    return int(last["resolution"]) == final_resolution and float(last["alpha"]) == 1.0
 
 
 def _best_params(base: dict, ranked: list[dict]) -> dict | None:

@@ -29,6 +29,14 @@ def test_beta_follows_a_half_life_in_images():
     assert math.prod(ema.beta(step) for step in range(10)) == pytest.approx(0.5)
     same = GeneratorEMA(constant_net(0.0), half_life_images=1000, images_per_step=50, rampup=None)
     assert math.prod(same.beta(step) for step in range(20)) == pytest.approx(0.5)
+    # a batch that changes during training (progan): 4 updates of 200 images, then 50s
+    shown = [0, 200, 400, 600, 800, 850, 900, 950, 1000]
+    varying = GeneratorEMA(
+        constant_net(0.0), 1000, 200, rampup=None, images_before=shown.__getitem__
+    )
+    assert math.prod(varying.beta(step) for step in range(8)) == pytest.approx(0.5)
+    assert varying.beta(0) == pytest.approx(0.5 ** 0.2) and varying.beta(5) == pytest.approx(
+        0.5 ** 0.05)  # fmt: skip
 
 
 def test_rampup_shortens_the_half_life_early_in_a_run():

@@ -129,3 +129,19 @@ def test_blend_reals_at_the_ends_and_mid_fade():
 def test_blend_reals_checks_its_arguments(x, resolution, alpha, message):
     with pytest.raises(ValueError, match=message):
         blend_reals(x, resolution, alpha)
+
+
+def test_images_before_a_step_follow_the_batch_of_each_resolution():
+    schedule = GrowthSchedule(4, 16, stabilise_images=100, fade_images=50)
+    batch = {4: 40, 8: 20, 16: 10}.__getitem__
+    # 4 px: steps 0-2 (0, 40, 80); fade 8 px from 120 (past 100: a phase ends after the step
+    # that reaches its end): steps 3-4 (120, 140), stabilise 8 from 160: steps 5-9 (..., 240),
+    # fade 16 px: steps 10-13 (260, ..., 290), stabilise 16 px from 300 (steps 14 on)
+    shown = [schedule.images_before(k, batch) for k in range(20)]
+    assert shown == [0, 40, 80, 120, 140, 160, 180, 200, 220, 240, 260, 270, 280, 290, 300, 310,
+                     320, 330, 340, 350]  # fmt: skip
+    assert [schedule.at(i).resolution for i in shown[:6]] == [4, 4, 4, 8, 8, 8]
+    constant = [schedule.images_before(k, lambda r: 32) for k in range(50)]
+    assert constant == [32 * k for k in range(50)]  # one batch: step x batch, as before
+    with pytest.raises(ValueError, match="images per step at 4 px must be >= 1, got 0"):
+        schedule.images_before(3, lambda r: 0)

@@ -418,3 +418,51 @@ def test_importing_the_config_leaves_the_warning_filters_alone_and_warns_nothing
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (result.stdout.strip(), result.stderr) == ("[]", "")
+
+
+def progan(**train) -> dict:
+    """progan from 4 to 16 px (phases: stabilise 4, fade 8, stabilise 8, fade 16, stabilise
+    16) on one worker at batch 32."""
+    return {
+        "model": {"family": "progan", "start_resolution": 4},
+        "train": {"batch_size": 32, **train},
+        "ray": {"num_workers": 1},
+        "prepare": {"resolution": 16},
+    }
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        # 0.4 kimg phases: 1,600 images before 16 px stabilises; 50 steps x 32 reach it only
+        # after the last step (its stage is still fading in)
+        ({"steps": 50, "stabilise_kimg": 0.4, "fade_kimg": 0.4},
+         "1,600 real images before the final resolution stabilises .* the run's last step "
+         r"starts after 1,568 \(train.steps x batch 32"),
+        # with 8 px and 16 px at batch 16, 80 steps no longer reach it
+        ({"steps": 80, "stabilise_kimg": 0.4, "fade_kimg": 0.4,
+          "batch_size_per_resolution": {8: 16, 16: 16}}, "starts after 1,472 .*batch 16/32"),
+        ({"batch_size_per_resolution": {32: 8}},
+         r"names \[32\], not resolutions this run grows through \(4, 8, 16"),
+        ({"batch_size_per_resolution": {4: 0}}, "batch_size_per_resolution: {4: 0} must be >= 1"),
+    ],
+)  # fmt: skip
+def test_progan_phases_and_batches_that_do_not_fit_the_run_are_refused(train, message):
+    with pytest.raises(ParamsError, match=message):
+        validate_params(progan(**train))
+
+
+def test_progan_runs_that_fit_and_a_batch_per_resolution_elsewhere_is_refused():
+    from pipeline.config.growth import growth_schedule, images_shown, loader_batch_size
+
+    fits = validate_params(progan(steps=51, stabilise_kimg=0.4, fade_kimg=0.4))
+    assert images_shown(fits, 50) == 1600  # the last step trains 16 px faded in
+    params = validate_params(progan(steps=100, batch_size_per_resolution={4: 96, 8: 64}))
+    assert loader_batch_size(params) == 32  # gcd(96, 64, 32): each step joins whole batches
+    # unset phases: equal images per phase, the last twice, whatever the batches
+    schedule = growth_schedule(params)
+    assert schedule.stabilise_images == schedule.fade_images
+    assert images_shown(params, 100) == pytest.approx(6 * schedule.stabilise_images, rel=0.05)
+    assert schedule.at(images_shown(params, 99)).resolution == 16
+    with pytest.raises(ParamsError, match="batch_size_per_resolution is for model.family"):
+        validate_params({"train": {"batch_size_per_resolution": {4: 32}}})

@@ -2,6 +2,7 @@
 registry pins, never unpickled, never running code from the artifact; requests checked before
 anything is generated; over HTTP with `mlflow models serve`; and through the CLI."""
 
+import contextlib
 import json
 import logging
 import os
@@ -357,16 +358,15 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_requests(registry, tmp_path):
+@contextlib.contextmanager
+def serve(model_uri: str, env: dict, tmp_path: Path):
+    """`mlflow models serve` of `model_uri` on a free loopback port (pickle loading off), as a
+    user starts it; yields `post(body) -> (status, json)` for /invocations. The server and its
+    uvicorn workers are stopped on exit."""
     port = free_port()
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": registry["uri"],
-        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
-    }
+    env = {**os.environ, **env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     command = [
-        sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION,
+        sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1",
     ]  # fmt: skip
     with open(tmp_path / "serve.log", "w") as log:
@@ -377,9 +377,20 @@ def test_mlflow_models_serve_answers_requests(registry, tmp_path):
     try:
         base = f"http://127.0.0.1:{port}"
         _wait_for(f"{base}/ping", server, tmp_path / "serve.log")
-        status, body = _post(
-            f"{base}/invocations", {"dataframe_records": [{"num_images": 2, "seed": 0}]}
-        )
+        yield lambda body: _post(f"{base}/invocations", body)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn workers
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_requests(registry, tmp_path):
+    with serve(CHAMPION, {"MLFLOW_TRACKING_URI": registry["uri"]}, tmp_path) as post:
+        status, body = post({"dataframe_records": [{"num_images": 2, "seed": 0}]})
         assert status == 200, body
         images = np.asarray(body["predictions"], dtype=np.float32)
         assert images.shape == (2, 1, 16, 16) and images.min() >= 0 and images.max() <= 1
@@ -395,29 +406,18 @@ def test_mlflow_models_serve_answers_requests(registry, tmp_path):
             (tools, torch.cat([g.sample(2, 0, truncation=0.5), g.sample(2, 0)])),
             ([walk], g.interpolate(1, 2, steps=4, method="lerp")),
         ):
-            status, body = _post(f"{base}/invocations", {"dataframe_records": records})
+            status, body = post({"dataframe_records": records})
             assert status == 200, body
             np.testing.assert_allclose(body["predictions"], expected.numpy(), atol=1e-6)
-        status, body = _post(
-            f"{base}/invocations", {"dataframe_records": [{**tools[0], "truncation": 2}]}
-        )
+        status, body = post({"dataframe_records": [{**tools[0], "truncation": 2}]})
         assert status == 400 and "truncation must be from 0 to 1" in body["message"], body
-        status, body = _post(
-            f"{base}/invocations", {"dataframe_records": [{"num_images": 5000, "seed": 0}]}
-        )
+        status, body = post({"dataframe_records": [{"num_images": 5000, "seed": 0}]})
         assert status == 400 and "between 1 and 1024" in body["message"]
         # MLflow casts nothing: the model sees 2.5, true and the negative record as sent.
         for counts, message in BAD_REQUESTS[:3]:
             records = [{"num_images": n, "seed": 0} for n in counts]
-            status, body = _post(f"{base}/invocations", {"dataframe_records": records})
+            status, body = post({"dataframe_records": records})
             assert status == 400 and re.search(message, body["message"]), body
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn workers
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:

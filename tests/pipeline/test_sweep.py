@@ -236,6 +236,68 @@ def test_population_based_training_exploits_checkpoints_with_the_new_learning_ra
     assert exploits, "PBT never exploited a better trial"
 
 
+@pytest.mark.slow
+def test_an_optuna_progan_sweep_scores_every_trial_at_the_final_size_and_hands_on_grown_ones(
+    tmp_path, prepared_root, ray_session
+):
+    """Optuna proposes the fade length and G's learning rate of trials growing 4 -> 8 px under
+    ASHA: at the rung (step 20) no trial has grown yet, yet every one has a finite FID at 8 px
+    (its samples upsampled); the candidates are the trials that grew to the end, and each
+    exports."""
+    from pipeline.candidates import generator_from_checkpoint
+    from pipeline.shards import read_manifest
+    from pipeline.train import train
+
+    space = {
+        "train.fade_kimg": {"type": "choice", "values": [0.32, 0.48]},
+        "train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
+    }
+    params = sweep_params(prepared_root, space, num_trials=2, top_k=2, search="optuna")
+    tree = params.model_dump(mode="json")
+    tree["model"] |= {"family": "progan", "start_resolution": 4, "g_width": 16, "d_width": 16}
+    tree["train"] |= {"stabilise_kimg": 0.32, "loss": "wasserstein", "gp_weight": 10.0,
+                      "drift_weight": 0.001, "out_dir": str(tmp_path / "train")}  # fmt: skip
+    tree["ray"]["storage_path"] = str(tmp_path / "runs")
+    summary = train(validate_params(tree))
+    trials = summary["trials"]
+    configs = [t["config"] for t in trials]
+    assert len(configs) == 2 and configs[0] != configs[1]
+    assert all(1e-4 <= c["train.lr_g"] <= 1e-3 and c["train.fade_kimg"] in (0.32, 0.48)
+               for c in configs)  # fmt: skip
+    assert all(t["best_fid"] is not None for t in trials), trials
+    for trial in trials:
+        assert trial["grown"] == (trial["stop_reason"] == "completed"), trial
+    grown = sorted(t["run_name"] for t in trials if t["grown"])
+    assert grown and sorted(c["name"] for c in summary["candidates"]) == grown
+    manifest = read_manifest(prepared_root / "prepared")
+    for candidate in summary["candidates"]:
+        generator, spec, _ = generator_from_checkpoint(
+            tmp_path / "train" / candidate["checkpoint"], manifest
+        )
+        assert spec.resolution == 8 and generator(torch.zeros(2, spec.z_dim)).shape[-1] == 8
+
+
+def test_a_trial_stopped_before_it_grew_to_the_end_is_no_candidate():
+    import pandas as pd
+
+    from pipeline.training.sweep import grown_at_last_checkpoint
+
+    def frame(*rows):  # (resolution, alpha, checkpoint or None) per report
+        return pd.DataFrame(
+            [{"resolution": r, "alpha": a, "checkpoint_path": c} for r, a, c in rows]
+        )
+
+    stopped = frame((8, 0.9, "ckpt-20"))
+    grown = frame((8, 0.9, "ckpt-20"), (8, 1.0, "ckpt-40"))
+    unsaved = frame((8, 0.9, "ckpt-20"), (8, 1.0, None))  # grown after its last checkpoint
+    assert not grown_at_last_checkpoint(stopped, 8)
+    assert grown_at_last_checkpoint(grown, 8)
+    assert not grown_at_last_checkpoint(unsaved, 8)
+    assert grown_at_last_checkpoint(unsaved, 8, tune_managed=True)  # PBT: the last report's
+    assert not grown_at_last_checkpoint(frame((4, 1.0, "ckpt")), 8)
+    assert grown_at_last_checkpoint(pd.DataFrame([{"fid_domain": 3.0}]), 8)  # no growing
+
+
 def test_an_exploited_checkpoint_trains_on_with_this_trials_learning_rates(tmp_path):
     """PBT's trap: restoring an optimiser state dict brings the source trial's lr along."""
     from gan.ema import GeneratorEMA
@@ -274,25 +336,6 @@ def test_a_ray_without_its_dashboard_is_refused_instead_of_hanging(tmp_path):
         cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert "runs without its dashboard" in out.stdout, out.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_optuna_search_proposes_the_trials(tmp_path, prepared_root, ray_session):
-    from pipeline.train import train
-
-    space = {
-        "train.lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-3},
-        "train.loss": {"type": "choice", "values": ["hinge", "bce"]},
-    }
-    params = sweep_params(prepared_root, space, num_trials=2, top_k=1, search="optuna")
-    tree = params.model_dump(mode="json")
-    tree["train"] |= {"steps": 20, "out_dir": str(tmp_path / "train")}
-    tree["ray"]["storage_path"] = str(tmp_path / "runs")
-    summary = train(validate_params(tree))
-    configs = [t["config"] for t in summary["trials"]]
-    assert len(configs) == 2 and configs[0] != configs[1]
-    assert all(1e-4 <= c["train.lr_g"] <= 1e-3 and c["train.loss"] in ("hinge", "bce")
-               for c in configs)  # fmt: skip
 
 
 @pytest.mark.parametrize(

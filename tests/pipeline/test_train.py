@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,11 @@ from safetensors.torch import load_file
 
 from gan.ema import refresh_statistics
 from gan.sampling import LatentSampler
-from pipeline.candidates import generator_spec
-from pipeline.checkpoint import WEIGHTS
+from pipeline.candidates import generator_from_checkpoint, generator_spec
+from pipeline.checkpoint import WEIGHTS, CheckpointError
 from pipeline.config import validate_params
 from pipeline.prepare import prepare
+from pipeline.shards import read_manifest
 from pipeline.training.faults import FaultPlan, drill
 from pipeline.training.identity import (
     ResumeMismatchError,
@@ -476,12 +478,14 @@ def test_a_train_out_dir_holding_what_ganpipe_did_not_write_is_refused_before_an
 
 
 def progan_params(tmp_path, name, **train):
-    """tiny_params with progressive growing from 4 to 8 px: 32 images a step (2 workers x
-    16), 128 images per phase: stabilise 4 px (steps 0-3), fade 8 px in (4-7), stabilise."""
+    """tiny_params with progressive growing from 4 to 8 px, 128 images per phase and a batch
+    per resolution: 64 images a step at 4 px (2 workers x 32: two of the loader's 16-image
+    batches joined), 32 at 8 px. Stabilise 4 px (steps 0-1), fade 8 px in (2-5), stabilise."""
     tree = tiny_params(tmp_path, name, **train).model_dump(mode="json")
     tree["model"] |= {"family": "progan", "start_resolution": 4, "g_width": 16, "d_width": 16}
     tree["train"] |= {"stabilise_kimg": 0.128, "fade_kimg": 0.128, "loss": "wasserstein",
-                      "gp_weight": 10.0, "drift_weight": 0.001}  # fmt: skip
+                      "gp_weight": 10.0, "drift_weight": 0.001,
+                      "batch_size_per_resolution": {4: 32}}  # fmt: skip
     return validate_params(tree)
 
 
@@ -489,14 +493,15 @@ def progan_params(tmp_path, name, **train):
 def test_progan_killed_mid_fade_resumes_to_the_same_weights_with_ranks_in_lockstep(
     tmp_path, ray_session, prepared
 ):
-    """Rank 1 dies at step 6 (alpha 0.5 of the fade-in to 8 px); the run resumes from the
-    step-4 checkpoint (where the fade and an Adam reset begin) and ends bitwise equal to an
-    uninterrupted run; debug_checks compare the two ranks' weights at every checkpoint."""
+    """Rank 1 dies at step 5 (alpha 0.75 of the fade-in to 8 px); the run resumes from the
+    step-4 checkpoint, itself taken mid-fade (alpha 0.25), its data read on at the images
+    shown (the batch changed with the resolution), and ends bitwise equal to an uninterrupted
+    run; debug_checks compare the two ranks' weights at every checkpoint."""
     from pipeline.train import train
 
     steady, faulty = progan_params(tmp_path, "steady"), progan_params(tmp_path, "faulty")
     a = train(steady)
-    with drill(FaultPlan(exit_rank=1, exit_at_step=6, marker=str(tmp_path / "died"))):
+    with drill(FaultPlan(exit_rank=1, exit_at_step=5, marker=str(tmp_path / "died"))):
         b = train(faulty)
     assert (tmp_path / "died").exists()
     assert a["steps"] == b["steps"] == 12
@@ -507,11 +512,20 @@ def test_progan_killed_mid_fade_resumes_to_the_same_weights_with_ranks_in_lockst
     header = rows[0].split(",")
     stages = [dict(zip(header, r.split(","), strict=True)) for r in rows[1:]]
     assert [(s["step"], s["resolution"], float(s["alpha"])) for s in stages] == [
-        ("4", "4", 1.0),
-        ("8", "8", 0.75),
+        ("4", "8", 0.25),
+        ("8", "8", 1.0),
         ("12", "8", 1.0),
-    ]  # the stage of each report's last step (step 3: 4 px; step 7: 3/4 faded in)
+    ]  # the stage of each report's last step (step 3: 160 images shown, 1/4 faded in)
     candidate = json.loads(Path(faulty.train.out_dir, "result.json").read_text())["candidates"]
     state = json.loads(Path(faulty.train.out_dir, candidate[0]["checkpoint"], "state.json")
                        .read_text())  # fmt: skip
     assert state["stage"] == {"resolution": 8, "alpha": 1.0, "phase": 2}
+    # a checkpoint of a run that ended mid-fade has nothing to score: evaluate refuses it (Ray
+    # keeps the last two checkpoints, both grown: the step-4 stage is put on a copy)
+    early = tmp_path / "early"
+    shutil.copytree(Path(faulty.train.out_dir, candidate[0]["checkpoint"]), early)
+    stage = [s for s in stages if s["step"] == "4"][0]
+    state["stage"] = {"resolution": 8, "alpha": float(stage["alpha"]), "phase": 1}
+    (early / "state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=r"ended growing at 8 px \(alpha 0.250\)"):
+        generator_from_checkpoint(early, read_manifest(Path(steady.prepare.out_dir)))
