@@ -602,6 +602,12 @@ with warnings.catch_warnings():
                     f"grows through ({', '.join(map(str, grown))}: model.start_resolution to "
                     "prepare.resolution)"
                 )
+            if train.compile:
+                raise inconsistent(
+                    "train.compile: true with model.family 'progan': every fade-in step sets a "
+                    "new alpha, a new constant to torch.compile (it recompiles until its limit, "
+                    "then runs uncompiled); set train.compile: false"
+                )
             small = {r: b for r, b in (train.batch_size_per_resolution or {}).items() if b < 1}
             if small:
                 raise inconsistent(f"train.batch_size_per_resolution: {small} must be >= 1")

@@ -445,6 +445,7 @@ def progan(**train) -> dict:
         ({"batch_size_per_resolution": {32: 8}},
          r"names \[32\], not resolutions this run grows through \(4, 8, 16"),
         ({"batch_size_per_resolution": {4: 0}}, "batch_size_per_resolution: {4: 0} must be >= 1"),
+        ({"compile": True}, "every fade-in step sets a new alpha"),
     ],
 )  # fmt: skip
 def test_progan_phases_and_batches_that_do_not_fit_the_run_are_refused(train, message):
