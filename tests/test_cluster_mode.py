@@ -7,8 +7,10 @@ Everything the tests start is stopped at the end."""
 
 import contextlib
 import json
+import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -139,6 +141,9 @@ def cluster(tmp_path_factory):
             "dashboard": f"http://127.0.0.1:{ports['dashboard']}",
             "storage": (work / "storage").as_uri(), "processes": [tracking, head_node, worker_node],
         }  # fmt: skip
+        for process in (worker_node, head_node, tracking):  # all at once: each takes seconds
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
     leftover = processes_of(temp, seconds=30)
     for process in leftover:
         process.kill()
