@@ -141,7 +141,10 @@ class PrepareParams(Section):
 class ModelParams(Section):
     """Generator and discriminator architecture."""
 
-    family: Family = Field("dcgan", description="mlp (vanilla GAN), dcgan or resnet (SNGAN)")
+    family: Family = Field(
+        "dcgan",
+        description="mlp (vanilla GAN), dcgan, resnet (SNGAN) or progan (progressive growing)",
+    )
     conditional: Bool = Field(False, description="class-conditional G and projection D")
     z_dim: Int = Field(
         recipe_default("model", "z_dim"), ge=1, le=4096,
