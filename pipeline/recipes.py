@@ -72,11 +72,13 @@ DCGAN_CLASSIC_32 = {  # Radford et al. 2016's objective and optimiser, half the 
     },  # fmt: skip
 }
 # Progressive growing (Karras et al. 2018, appendix A.1): WGAN-GP (lambda 10) with the drift
-# term 0.001, Adam lr 1e-3 and betas (0, 0.99), no normalisation in D (the family has none);
-# widths for CPUs. Phase lengths: the run's images shared out (pipeline/training/growth.py).
+# term 0.001, Adam lr 1e-3 and betas (0, 0.99), no normalisation in D (the family has none).
+# Widths 32, the DCGAN recipes' (the paper's 512 is for GPUs: set model.g_width / d_width);
+# measured on 2 CPUs at 32 px (bench/RESULTS.md): 101 images/s at width 32, 35 at 64, 5.9 at
+# 128. Phase lengths: the run's images shared out (pipeline/config/growth.py).
 PROGAN_WGANGP = {
-    "model": {"d_norm": "none", "spectral_norm_d": False, "z_dim": 128, "g_width": 128,
-              "d_width": 128},
+    "model": {"d_norm": "none", "spectral_norm_d": False, "z_dim": 128, "g_width": 32,
+              "d_width": 32},
     "train": {
         "loss": "wasserstein",
         "gp_weight": 10.0,
