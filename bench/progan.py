@@ -71,6 +71,7 @@ from pipeline.candidates import generator_from_checkpoint, generator_spec
 from pipeline.checkpoint import CheckpointError, read_checkpoint, read_state
 from pipeline.cluster import storage_root
 from pipeline.config import Params, load_params
+from pipeline.config.growth import growth_schedule, images_shown
 from pipeline.data import PreparedSplit, RankLoader, to_float
 from pipeline.errors import EvaluationError
 from pipeline.evaluate import choose_generator, prepared_generator
@@ -81,7 +82,7 @@ from pipeline.recipes import recipe_for
 from pipeline.scoring import ALL_METRICS, Scorer, class_figures, domain_extractor, sample_images
 from pipeline.train import train
 from pipeline.training.checkpoints import read_history
-from pipeline.training.growth import AtFinalSize, growth_schedule, images_shown
+from pipeline.training.growth import AtFinalSize
 from pipeline.training.identity import run_name
 from pipeline.training.loop import build_models, step_config
 

@@ -20,6 +20,7 @@ images shown: resume reads on where the uninterrupted run did.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 from gan.progressive import GrowthSchedule
@@ -71,12 +72,20 @@ def growth_schedule(params) -> GrowthSchedule | None:
     return GrowthSchedule(start, final, int(stabilise), int(fade or stabilise))
 
 
-def images_shown(params, step: int) -> int:
-    """Real images D has seen before step `step` (0-based) across all ranks."""
+def images_counter(params) -> Callable[[int], int]:
+    """step -> the real images D has seen before it (0-based) across all ranks, with the
+    schedule worked out once (the training loop asks at every step)."""
     schedule = growth_schedule(params)
     if schedule is None:
-        return step * global_batch_at(params, params.prepare.resolution)
-    return schedule.images_before(step, lambda r: global_batch_at(params, r))
+        batch = global_batch_at(params, params.prepare.resolution)
+        return lambda step: step * batch
+    batches = {r: global_batch_at(params, r) for r in resolutions(params)}
+    return lambda step: schedule.images_before(step, batches.__getitem__)
+
+
+def images_shown(params, step: int) -> int:
+    """Real images D has seen before step `step` (0-based) across all ranks."""
+    return images_counter(params)(step)
 
 
 def batches_before(params, step: int) -> int:

@@ -24,7 +24,7 @@ import torch
 
 from gan.progressive import GrowthSchedule, Stage, apply_stage, blend_reals
 from pipeline.config import Params
-from pipeline.config.growth import batch_at, images_shown, loader_batch_size
+from pipeline.config.growth import batch_at, images_counter, loader_batch_size
 
 
 class Growth:
@@ -35,9 +35,10 @@ class Growth:
         self.networks = networks  # G, D, the EMA copy
         self.optimizers = optimizers
         self.stage: Stage | None = None
+        self._shown = images_counter(params)
 
     def stage_at(self, step: int) -> Stage:
-        return self.schedule.at(images_shown(self.params, step))
+        return self.schedule.at(self._shown(step))
 
     def before_step(self, step: int) -> Stage:
         """Set the networks to step `step`'s stage; reset Adam where a phase starts."""
@@ -62,11 +63,6 @@ class Growth:
                 images = torch.cat([images, *(m[0] for m in more)])
                 labels = None if labels is None else torch.cat([labels, *(m[1] for m in more)])
             yield blend_reals(images, stage.resolution, stage.alpha), labels
-
-    def at_final(self, step: int) -> bool:
-        """Whether step `step` trains the final resolution fully faded in."""
-        stage = self.stage_at(step)
-        return stage.resolution == self.schedule.final_resolution and stage.alpha == 1.0
 
 
 class AtFinalSize(torch.nn.Module):

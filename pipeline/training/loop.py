@@ -21,7 +21,7 @@ from pipeline.config import Params
 from pipeline.config.growth import (
     batches_before,
     growth_schedule,
-    images_shown,
+    images_counter,
     loader_batch_size,
 )
 from pipeline.console import quiet_libraries
@@ -102,6 +102,7 @@ def train_loop(config: WorkerConfig, session) -> None:
     if _enabled(t.channels_last, device):
         g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
     schedule = growth_schedule(params)  # progan: the stage of every step
+    shown = images_counter(params)  # real images before a step: the batch may change
     g, d = session.prepare(g, schedule is not None), session.prepare(d, schedule is not None)
     if t.compile:
         g, d = torch.compile(g), torch.compile(d)
@@ -113,7 +114,7 @@ def train_loop(config: WorkerConfig, session) -> None:
         # from rank 0's broadcast weights
         GeneratorEMA(
             g, t.ema_kimg * 1000, t.batch_size * world, t.ema_rampup,
-            lambda k: images_shown(params, k) // t.n_critic,  # the batch may change (progan)
+            lambda k: shown(k) // t.n_critic,
         ),
     )  # fmt: skip
     modules = {"generator": g, "generator_ema": state.ema.model, "discriminator": d}
@@ -159,7 +160,7 @@ def train_loop(config: WorkerConfig, session) -> None:
                 state, batches, cfg, sampler, step_generator(t.seed, rank, step), step
             )
             done = step + 1
-            images += images_shown(params, done) - images_shown(params, step)
+            images += shown(done) - shown(step)
             if done % t.log_every and done % t.checkpoint_every and done != t.steps:
                 continue
             try:  # the step skips non-finite updates; a report names the first (gan.step)
@@ -186,7 +187,7 @@ def train_loop(config: WorkerConfig, session) -> None:
                 metrics |= evaluator(scored, spec)
             tick, images = time.perf_counter(), 0
             history.append(metrics)
-            tracker.log_metrics(metrics, done, _progress(metrics, params))
+            tracker.log_metrics(metrics, done, _progress(metrics, t, shown))
             to_save = None
             if saving:
                 if t.debug_checks and not weights_agree([g, d, state.ema.model]):
@@ -215,10 +216,11 @@ def train_loop(config: WorkerConfig, session) -> None:
             monitor.finish()
 
 
-def _progress(metrics: dict, params: Params) -> dict:
-    """What the driver's progress line shows of this report (pipeline.console)."""
-    t, rate = params.train, metrics["images_per_s"]
-    left = images_shown(params, t.steps) - images_shown(params, metrics["step"])
+def _progress(metrics: dict, t, shown) -> dict:
+    """What the driver's progress line shows of this report (pipeline.console); `shown`:
+    step -> real images before it."""
+    rate = metrics["images_per_s"]
+    left = shown(t.steps) - shown(metrics["step"])
     keys = ("step", "images_per_s", "loss_d", "loss_g", "fid_domain")
     return {
         **{k: metrics[k] for k in keys if k in metrics},
