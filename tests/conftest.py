@@ -16,6 +16,11 @@ from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Ray Train's controller polls its workers every 2 s: a run's results, its end and a dead
+# worker are seen up to two polls late, several seconds per run in a suite of tiny runs. Every
+# Ray the tests start (in-process, driver subprocesses, `ray start` nodes) inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 def tree_digest(root: Path) -> str:
     """A hash of every file's path and bytes under `root` (to prove nothing changed)."""
