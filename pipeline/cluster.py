@@ -48,15 +48,37 @@ def connect(params: Params) -> None:
         start_local_ray()
         return
     check_reachable(address)
+    check_admitted(address)
     try:
         ray.init(address=address, **_quiet())
-    except ConnectionError as exc:  # e.g. token authentication: Ray chains the reason
-        reason = str(exc.__cause__ or exc).strip().splitlines()[-1]  # a traceback's last line
-        raise ClusterError(
-            f"cannot join the Ray cluster at {address} ({_where_from()}): {reason[:500]}. "
-            "A cluster with token authentication needs RAY_AUTH_MODE=token and its token "
-            "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)"
-        ) from None
+    except ConnectionError as exc:  # Ray chains the reason
+        raise ClusterError(_cannot_join(address, exc.__cause__ or exc)) from None
+
+
+def check_admitted(address: str) -> None:
+    """One request to the cluster's GCS at a host:port address: a missing or wrong token is
+    refused at once (ray.init retries that for 20 s). Anything else is left to ray.init."""
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    host, _, port = address.rpartition(":")
+    if address.startswith("ray://") or not host or not port.isdigit():
+        return
+    try:
+        GcsClient(address=address)
+    except AuthenticationError as exc:
+        raise ClusterError(_cannot_join(address, exc)) from None
+    except Exception:  # ray.init retries it and says what went wrong
+        return
+
+
+def _cannot_join(address: str, reason: BaseException) -> str:
+    last = str(reason).strip().splitlines()[-1]  # a traceback's last line
+    return (
+        f"cannot join the Ray cluster at {address} ({_where_from()}): {last[:500]}. A cluster "
+        "with token authentication needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
+        "the file ~/.ray/auth_token)"
+    )
 
 
 def _quiet() -> dict:

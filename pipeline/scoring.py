@@ -9,14 +9,13 @@ in the evaluate stage, so that the train stage runs (and depends on) only the co
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from gan.sampling import generate
-from pipeline.config import EvaluateParams, Params
+from pipeline.config import EvaluateParams
 from pipeline.data import PreparedSplit, to_nhwc
 from pipeline.featurenet import load_featurenet, predict
 from pipeline.fidelity import FEATURENET, compute, generated_images, real_images
@@ -25,30 +24,6 @@ ALL_METRICS = ("fid", "isc", "kid", "prc")
 # A class counts as covered when it gets at least this share of the samples it would get if
 # the generator matched the real class frequencies.
 COVERAGE_SHARE = 0.5
-
-
-@dataclass(frozen=True)
-class TrialScoring:
-    """What a sweep trial needs to score itself, with absolute paths (trials run elsewhere)."""
-
-    eval_samples: int
-    prepared: str
-    featurenet: str
-    cache_dir: str
-    seed: int
-    dataset_hash: str
-
-    @classmethod
-    def of(cls, params: Params, dataset_hash: str, eval_samples: int | None = None):
-        """From params; `eval_samples` defaults to sweep.eval_samples."""
-        return cls(
-            eval_samples=eval_samples or params.sweep.eval_samples,
-            prepared=str(Path(params.prepare.out_dir).resolve()),
-            featurenet=str(Path(params.featurenet.out_dir).resolve()),
-            cache_dir=str(Path(params.evaluate.cache_dir).resolve()),
-            seed=params.evaluate.seed,
-            dataset_hash=dataset_hash,
-        )
 
 
 class Scorer:
@@ -114,7 +89,8 @@ class TrialEvaluator:
 
     KID_SUBSETS = 10  # a tenth of the final evaluation's: the trend matters, not the digits
 
-    def __init__(self, settings: TrialScoring):
+    def __init__(self, settings):
+        """`settings`: the trial's pipeline.training.worker_config.TrialScoring."""
         self.samples = settings.eval_samples
         pixels, self.labels = PreparedSplit(settings.prepared, "train", verify=False).read()
         self.real = real_images(pixels)

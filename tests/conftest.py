@@ -98,13 +98,23 @@ def background(command: list[str], env: dict, log: Path, cwd: Path | None = None
     try:
         yield process
     finally:
+        stop([process])
+
+
+def stop(processes: list[subprocess.Popen], grace: float = 5) -> None:
+    """SIGTERM to each process's group at once, SIGKILL to the groups still up after `grace`
+    seconds (a Ray node's raylet and GCS take 30 s to end on SIGTERM; a test's servers have
+    nothing to drain)."""
+    for process in processes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+    deadline = time.monotonic() + grace
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
 
 def wait_until(ready, what: str, process: subprocess.Popen, log: Path, seconds: float = 120):

@@ -7,10 +7,8 @@ Everything the tests start is stopped at the end."""
 
 import contextlib
 import json
-import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,7 @@ from tests.conftest import (
     project_env,
     shell,
     stages_run,
+    stop,
     wait_until,
 )
 
@@ -78,12 +77,14 @@ def digits_folder(root: Path) -> None:
 
 def small_params(root: Path) -> None:
     """The shipped params on an image folder, trained briefly by progressive growing (4 ->
-    16 px over the run's 40 steps): 2 workers, one per node."""
+    16 px over the run's 40 steps): 2 workers, one per node, in lockstep."""
     digits_folder(root)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["prepare"] |= {"source": "imagefolder", "image_dir": "images"}
     params["model"] |= {"family": "progan", "g_width": 32, "d_width": 32}
-    params["train"] |= {"steps": 40, "log_every": 20, "checkpoint_every": 20}
+    # debug_checks: the ranks compare their weights before every checkpoint (a run whose
+    # nodes drift apart fails)
+    params["train"] |= {"steps": 40, "log_every": 20, "checkpoint_every": 20, "debug_checks": True}
     params["featurenet"] |= {"epochs": 3, "min_accuracy": 0.5}
     params["evaluate"] |= {"num_samples": 500, "kid_subset_size": 250}
     params["augment"] |= {"seeds": 1, "shots": [10]}  # measured elsewhere: the cluster's time
@@ -141,9 +142,7 @@ def cluster(tmp_path_factory):
             "dashboard": f"http://127.0.0.1:{ports['dashboard']}",
             "storage": (work / "storage").as_uri(), "processes": [tracking, head_node, worker_node],
         }  # fmt: skip
-        for process in (worker_node, head_node, tracking):  # all at once: each takes seconds
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
+        stop([worker_node, head_node, tracking])  # all at once
     leftover = processes_of(temp, seconds=30)
     for process in leftover:
         process.kill()
@@ -199,7 +198,8 @@ def test_the_submitted_pipeline_trains_on_both_nodes_and_registers_into_the_serv
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["ganpipe.num_nodes"] == "2"  # rank 0 and rank 1 on different nodes
-    assert client.get_metric_history(run.info.run_id, "loss_d")
+    assert run.data.params["train.debug_checks"] == "True"  # equal weights at each checkpoint
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_d")] == [20, 40]
 
     registered = json.loads((root / "models/register/registered.json").read_text())
     champion = client.get_model_version_by_alias(registered["model_name"], "champion")
@@ -243,8 +243,10 @@ def test_joining_without_the_cluster_token_is_a_clear_error(cluster, submitted):
            "MLFLOW_TRACKING_URI": cluster["mlflow"]}  # fmt: skip
     env.pop("RAY_AUTH_TOKEN")
     runs_before = len(mlflow_runs(cluster["mlflow"]))
+    start = time.monotonic()
     failed = shell(cluster["root"], env)("ganpipe", "train", check=False, timeout=300)
     assert failed.returncode == 1, failed.stderr[-3000:]
+    assert time.monotonic() - start < 20  # refused at the first request (ray.init retried 20 s)
     last = failed.stderr.strip().splitlines()[-1]  # above it: Ray's own log lines
     assert last.startswith(
         f"ganpipe train: cannot join the Ray cluster at {cluster['address']} (from RAY_ADDRESS)"

@@ -5,6 +5,7 @@ then a second repro does nothing, changed params re-run only the stages that rea
 champion samples images."""
 
 import json
+import math
 import re
 import shutil
 
@@ -177,7 +178,7 @@ def test_an_experiment_reruns_from_training_and_shows_in_exp_show_and_plots(proj
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "evaluate with other params", check=False)  # if anything changed
     settings = ["model.family=progan", "model.g_width=32", "model.d_width=32",
-                "train.lr_g=0.0004", "train.steps=100", "augment.seeds=1"]  # fmt: skip
+                "train.lr_g=0.0004", "train.steps=100", "augment.shots=[10]"]  # fmt: skip
     overrides = [arg for setting in settings for arg in ("-S", setting)]
     ran = sh("dvc", "exp", "run", "-n", "fast-g", *overrides)
     assert stages_run(ran.stdout) == ["train", "evaluate", "augment", "register"]
@@ -242,8 +243,11 @@ def test_a_sweep_through_dvc_repro_labels_unstable_trials_and_hands_the_best_on(
             assert trial["stop_reason"] == "diverged" and trial["steps"] == 0, trial
         else:
             assert trial["stop_reason"] in ("completed", "early_stopped", "fid_worsening"), trial
-            assert trial["steps"] >= 50 and trial["best_fid"] < 1e3, trial
+            assert trial["steps"] >= 50 and math.isfinite(trial["best_fid"]), trial
     stable = {t["run_name"] for t in result["trials"] if t["config"]["train.r1_gamma"] == 0}
+    # ASHA may stop the stable trial that reaches step 50 second (its FID there, not yet
+    # learned, was 1,317 at 2e-4; 41.5 for 4e-4 at step 100): the best of them has learned
+    assert min(t["best_fid"] for t in result["trials"] if t["run_name"] in stable) < 1e3
     assert {c["name"] for c in result["candidates"]} == stable
     assert sum(row.get("diverged", 0) for row in result["stability"]) == 2
     best = yaml.safe_load((root / "models" / "train" / "best_params.yaml").read_text())

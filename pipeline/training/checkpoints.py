@@ -99,6 +99,6 @@ def write_history(path: Path, rows: list[dict]) -> None:
 def read_history(path: Path) -> list[dict]:
     if not path.is_file():
         return []
-    parse = {"diverged": lambda v: v == "True", "step": int}
+    parse = {"diverged": lambda v: v == "True", "step": int, "resolution": int}
     with open(path, newline="") as f:
         return [{k: parse.get(k, float)(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -38,11 +39,20 @@ class FaultPlan:
             marker = Path(self.marker)
             if not marker.exists():
                 marker.touch()
+                time.sleep(_controller_polls(2))  # the last report is on record, as in life
                 os._exit(1)
         if step == self.nan_at_step:
             with torch.no_grad():
                 for p in generator.parameters():
                     p.fill_(float("nan"))
+
+
+def _controller_polls(polls: int) -> float:
+    """Seconds for `polls` polls of Ray Train's controller (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S,
+    2 s by default). It registers a report's checkpoint when it next polls the workers: a
+    worker that exits milliseconds after reporting takes that report with it and the run
+    restarts from the checkpoint before, while a node lost in a real run is lost long after."""
+    return polls * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 0.5
 
 
 def planned_faults() -> FaultPlan | None:

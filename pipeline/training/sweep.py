@@ -44,7 +44,7 @@ from pipeline.cluster import join, local_checkpoint, read_json, save_json, use_g
 from pipeline.config import Choice, Grid, Params, Uniform
 from pipeline.console import verbose
 from pipeline.errors import SweepError
-from pipeline.scoring import TrialEvaluator, TrialScoring
+from pipeline.scoring import TrialEvaluator
 from pipeline.training.identity import run_name
 from pipeline.training.loop import train_loop
 from pipeline.training.outputs import write_train_outputs
@@ -58,7 +58,7 @@ from pipeline.training.run import (
 )
 from pipeline.training.sessions import TuneSession
 from pipeline.training.tracker import DIVERGED_REASON_TAG, DIVERGED_TAG, RunRef
-from pipeline.training.worker_config import WorkerConfig
+from pipeline.training.worker_config import TrialScoring, WorkerConfig
 
 STOP_REASONS = "stop_reasons.json"
 SWEEP_TAG = "ganpipe.sweep_name"  # on the trials' runs

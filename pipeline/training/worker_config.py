@@ -8,10 +8,35 @@ from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.console import library_log_level
-from pipeline.scoring import TrialScoring
 from pipeline.training.faults import FaultPlan, planned_faults
 from pipeline.training.identity import run_identity
 from pipeline.training.tracker import RunRef
+
+
+@dataclass(frozen=True)
+class TrialScoring:
+    """What a sweep trial needs to score itself (pipeline.scoring.TrialEvaluator), with
+    absolute paths (trials run elsewhere). Here, not beside the scorer: the training workers
+    import this module, and the scorer's torch-fidelity import costs each of them a second."""
+
+    eval_samples: int
+    prepared: str
+    featurenet: str
+    cache_dir: str
+    seed: int
+    dataset_hash: str
+
+    @classmethod
+    def of(cls, params: Params, dataset_hash: str, eval_samples: int | None = None):
+        """From params; `eval_samples` defaults to sweep.eval_samples."""
+        return cls(
+            eval_samples=eval_samples or params.sweep.eval_samples,
+            prepared=str(Path(params.prepare.out_dir).resolve()),
+            featurenet=str(Path(params.featurenet.out_dir).resolve()),
+            cache_dir=str(Path(params.evaluate.cache_dir).resolve()),
+            seed=params.evaluate.seed,
+            dataset_hash=dataset_hash,
+        )
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from pipeline.errors import EvaluationError
 from pipeline.featurenet import read_featurenet_info, train_featurenet
 from pipeline.fidelity import FEATURENET, compute, generated_images, real_images
 from pipeline.prepare import prepare
-from pipeline.scoring import Scorer, TrialEvaluator, TrialScoring, domain_extractor
+from pipeline.scoring import Scorer, TrialEvaluator, domain_extractor
 from pipeline.shards import read_manifest
+from pipeline.training.worker_config import TrialScoring
 from tests.pipeline.test_evaluate import old_torch_fidelity_names, plant
 from tests.pipeline.test_featurenet import digits_params
 

@@ -109,6 +109,14 @@ def final_weights(params):
     return load_file(Path(params.train.out_dir, candidate["checkpoint"], WEIGHTS))
 
 
+def reported_steps(params, result: dict) -> list[int]:
+    """The steps of the reports of `result`'s run in MLflow: after a worker died, a run that
+    resumed from its last checkpoint has each once; one that restarted from step 0 has the
+    steps before the death twice."""
+    client = MlflowClient(params.tracking.uri)
+    return [m.step for m in client.get_metric_history(result["mlflow_run_id"], "loss_d")]
+
+
 @pytest.mark.slow
 def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
     tmp_path, ray_session, prepared
@@ -124,6 +132,7 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(
         b = train(faulty)
     assert (tmp_path / "died").exists()  # the worker really died once
     assert a["steps"] == b["steps"] == 12 and not a["diverged"] and not b["diverged"]
+    assert reported_steps(faulty, b) == [4, 8, 12]  # resumed at step 4, not restarted
     weights_a, weights_b = final_weights(steady), final_weights(faulty)
     assert weights_a.keys() == weights_b.keys()
     for key in weights_a:
@@ -505,6 +514,7 @@ def test_progan_killed_mid_fade_resumes_to_the_same_weights_with_ranks_in_lockst
         b = train(faulty)
     assert (tmp_path / "died").exists()
     assert a["steps"] == b["steps"] == 12
+    assert reported_steps(faulty, b) == [4, 8, 12]  # resumed at step 4, mid-fade
     weights_a, weights_b = final_weights(steady), final_weights(faulty)
     for key in weights_a:
         torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=0, msg=key)

@@ -8,11 +8,10 @@ import os
 import pytest
 
 from pipeline.config import validate_params
-from pipeline.scoring import TrialScoring
 from pipeline.train import train
 from pipeline.training.faults import FAULT_PLAN_ENV, FaultPlan, drill, planned_faults
 from pipeline.training.tracker import RunRef
-from pipeline.training.worker_config import WorkerConfig
+from pipeline.training.worker_config import TrialScoring, WorkerConfig
 
 
 def params(tmp_path):
