@@ -61,8 +61,7 @@ def check_admitted(address: str) -> None:
     from ray._raylet import GcsClient
     from ray.exceptions import AuthenticationError
 
-    host, _, port = address.rpartition(":")
-    if address.startswith("ray://") or not host or not port.isdigit():
+    if address.startswith("ray://") or _host_port(address) is None:
         return
     try:
         GcsClient(address=address)
@@ -178,13 +177,19 @@ def _where_from() -> str:
     return f"from {ADDRESS_ENV}" if os.environ.get(ADDRESS_ENV) else "from ray.address"
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a host:port address; None for the names Ray resolves ("auto")."""
+    host, _, port = address.rpartition(":")
+    return (host, int(port)) if host and port.isdigit() else None
+
+
 def check_reachable(address: str) -> None:
     """A host:port address (or ray://host:port) must accept a TCP connection."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    host_port = _host_port(address.removeprefix("ray://"))
+    if host_port is None:
         return  # "auto", "local": Ray resolves them itself
     try:
-        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+        socket.create_connection(host_port, timeout=REACH_TIMEOUT_S).close()
     except OSError as exc:
         raise ClusterError(
             f"no Ray cluster answers at {address} ({_where_from()}): {exc}; start it "

@@ -52,7 +52,13 @@ def _controller_polls(polls: int) -> float:
     2 s by default). It registers a report's checkpoint when it next polls the workers: a
     worker that exits milliseconds after reporting takes that report with it and the run
     restarts from the checkpoint before, while a node lost in a real run is lost long after."""
-    return polls * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 0.5
+    from ray.train.v2._internal.constants import (
+        DEFAULT_HEALTH_CHECK_INTERVAL_S,
+        HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+    )
+
+    interval = os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S)
+    return polls * float(interval) + 0.5
 
 
 def planned_faults() -> FaultPlan | None:
